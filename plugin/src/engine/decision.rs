@@ -1,0 +1,120 @@
+//! The decision log: one JSON object per message, for the people who must later show why
+//! data moved. It never holds the value of a customer field; subjects appear only as
+//! keyed pseudonyms.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Allowed,
+    Modified,
+    Blocked,
+    Uninspectable,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Modified => "modified",
+            Outcome::Blocked => "blocked",
+            Outcome::Uninspectable => "uninspectable",
+        }
+    }
+}
+
+/// Why a field did not pass as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// No purpose of the recipient allows the category (or the recipient is unknown).
+    NoPurpose,
+    /// Every purpose that would allow it needs consent, and the subject has not given it.
+    NoConsent,
+    /// The policy strips fields it does not declare.
+    Undeclared,
+}
+
+/// One field's decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldDecision {
+    /// Normalized JSONPath of the field in the message as received (`$.customers[0].email`),
+    /// or `header:NAME` / `query:NAME`.
+    pub path: String,
+    pub category: String,
+    /// `allow`, or the action applied (`strip`, `redact`, `hash`, `mask`, `block`).
+    pub action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    /// The purpose that allowed the field, or for `no_consent` the one that needed consent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub basis: Option<&'static str>,
+    /// Where the consent came from (`record:$.consents.marketing_email`, `header`,
+    /// `store`, `store:cache`, `none`), for consent-based purposes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<String>,
+    /// Keyed pseudonym of the data subject.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+}
+
+impl FieldDecision {
+    pub fn changed(&self) -> bool {
+        self.action != "allow"
+    }
+}
+
+/// The log entry of one message.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecisionLog {
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    pub policy: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub binding: Option<String>,
+    pub caller: String,
+    pub recipient: String,
+    pub direction: &'static str,
+    pub mode: &'static str,
+    pub outcome: Outcome,
+    /// False in audit mode, and for an uninspectable message let through by `fail: open`.
+    pub enforced: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u32>,
+    /// For an uninspectable message: why, in words a person can act on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Categories that caused a block.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub blocked_categories: Vec<String>,
+    pub fields: Vec<FieldDecision>,
+    /// Decisions left out of `fields` to bound the entry's size (see `counts`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub fields_omitted: usize,
+    /// Number of field decisions per action.
+    pub counts: std::collections::BTreeMap<&'static str, usize>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// Most field decisions one log entry lists; the rest are counted.
+pub const MAX_LOGGED_FIELDS: usize = 200;
+
+impl DecisionLog {
+    pub fn to_json(&self) -> String {
+        // Serialising plain structs of strings and numbers cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+
+    /// Whether anything in the message belonged to the policy.
+    pub fn touched(&self) -> bool {
+        !self.fields.is_empty() || self.fields_omitted > 0 || self.outcome != Outcome::Allowed
+    }
+}

@@ -1,0 +1,1211 @@
+//! The per-message path: identify the parties, find the records, decide every field,
+//! apply the actions. Nothing here parses the policy or a JSONPath again.
+
+use super::actions::{hash_value, mask_value, percent_decode, percent_encode, subject_pseudonym};
+use super::compile::{Action, CBinding, CNamed, Policy};
+use super::consent::{granted, ConsentAnswer, HeaderConsent, StoreAnswers};
+use super::decision::{DecisionLog, FieldDecision, Outcome, Reason, MAX_LOGGED_FIELDS};
+use super::policy::{FailMode, LegalBasis, MessageSubject, Mode, Undeclared};
+use super::selector::{push_edge, Edge, Selector};
+use super::{Direction, ServiceId};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One side of an exchange as the policy knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Party {
+    pub service: Option<ServiceId>,
+    /// The service name, or `unknown(...)` with the identity that was seen.
+    pub label: String,
+}
+
+/// What the filter knows about one request/response exchange.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub request_id: Option<String>,
+    pub method: String,
+    /// `:path` of the request, query included.
+    pub path: String,
+    pub caller: Party,
+    pub upstream: Party,
+    /// Consent from the trusted consent header, if present and trusted.
+    pub header_consent: Option<HeaderConsent>,
+    /// Why a consent header present on the request was not used.
+    pub header_consent_note: Option<String>,
+    /// Subject of header and query data, for the binding that covers the request.
+    pub message_subject: Option<String>,
+}
+
+impl Exchange {
+    pub fn recipient(&self, direction: Direction) -> &Party {
+        match direction {
+            Direction::Request => &self.upstream,
+            Direction::Response => &self.caller,
+        }
+    }
+}
+
+/// Why a message could not be inspected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UninspectableKind {
+    TooLarge,
+    UnsupportedMediaType,
+    UnsupportedEncoding,
+    Malformed,
+    TooDeep,
+    TooManyRecords,
+    ConsentStore,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uninspectable {
+    pub kind: UninspectableKind,
+    /// What was wrong, for the client and the log; never a customer value.
+    pub detail: String,
+}
+
+impl Uninspectable {
+    pub fn new(kind: UninspectableKind, detail: impl Into<String>) -> Self {
+        Uninspectable {
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self.kind {
+            UninspectableKind::TooLarge => "body_too_large",
+            UninspectableKind::UnsupportedMediaType => "unsupported_media_type",
+            UninspectableKind::UnsupportedEncoding => "unsupported_content_encoding",
+            UninspectableKind::Malformed => "malformed_json",
+            UninspectableKind::TooDeep => "too_deep",
+            UninspectableKind::TooManyRecords => "too_many_records",
+            UninspectableKind::ConsentStore => "consent_store_unavailable",
+        }
+    }
+
+    /// The status a refused message gets. A response the filter cannot inspect is the
+    /// upstream's fault, not the caller's: 502.
+    pub fn status(&self, direction: Direction) -> u32 {
+        match (direction, self.kind) {
+            (_, UninspectableKind::ConsentStore) => 503,
+            (Direction::Response, _) => 502,
+            (Direction::Request, UninspectableKind::TooLarge) => 413,
+            (
+                Direction::Request,
+                UninspectableKind::UnsupportedMediaType | UninspectableKind::UnsupportedEncoding,
+            ) => 415,
+            (Direction::Request, _) => 400,
+        }
+    }
+}
+
+/// Field decisions of one message, bounded in size, with counts per action.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub fields: Vec<FieldDecision>,
+    pub omitted: usize,
+    pub counts: BTreeMap<&'static str, usize>,
+    /// Categories whose `block` action fired.
+    pub blocked: BTreeSet<String>,
+}
+
+impl Report {
+    fn push(&mut self, d: FieldDecision) {
+        *self.counts.entry(d.action).or_default() += 1;
+        if self.fields.len() < MAX_LOGGED_FIELDS {
+            self.fields.push(d);
+        } else {
+            self.omitted += 1;
+        }
+    }
+
+    pub fn merge(&mut self, other: Report) {
+        for (action, n) in other.counts {
+            *self.counts.entry(action).or_default() += n;
+        }
+        for d in other.fields {
+            if self.fields.len() < MAX_LOGGED_FIELDS {
+                self.fields.push(d);
+            } else {
+                self.omitted += 1;
+            }
+        }
+        self.omitted += other.omitted;
+        self.blocked.extend(other.blocked);
+    }
+
+    pub fn is_blocked(&self) -> bool {
+        !self.blocked.is_empty()
+    }
+
+    pub fn changed(&self) -> bool {
+        self.counts.keys().any(|a| *a != "allow")
+    }
+}
+
+/// What the header callback must fetch before it can judge.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderPlan {
+    /// Subjects whose consent must come from the consent store.
+    pub store_subjects: Vec<String>,
+}
+
+/// Changes to a message's headers (and, for requests, its query).
+#[derive(Debug, Clone, Default)]
+pub struct HeaderVerdict {
+    /// Header name and the values it must have from now on (empty: remove it).
+    pub set_headers: Vec<(String, Vec<String>)>,
+    /// The request's new `:path`, when a query parameter changed.
+    pub new_path: Option<String>,
+    pub report: Report,
+}
+
+#[derive(Debug, Clone)]
+enum PathElem {
+    Key(String),
+    Index(usize),
+}
+
+#[derive(Debug, Clone)]
+struct RecordInfo {
+    path: Vec<PathElem>,
+    subject: Option<String>,
+    consent: Option<Value>,
+}
+
+/// A parsed body, its records located, waiting for consent answers.
+#[derive(Debug, Clone)]
+pub struct BodyPlan {
+    doc: Option<Value>,
+    binding: usize,
+    records: Vec<RecordInfo>,
+    /// Subjects whose consent must come from the consent store.
+    pub store_subjects: Vec<String>,
+}
+
+/// The result for a body.
+#[derive(Debug, Clone, Default)]
+pub struct BodyVerdict {
+    /// The new body, when any field changed.
+    pub body: Option<Vec<u8>>,
+    pub report: Report,
+}
+
+/// Whether a content type is JSON: `application/json`, `application/*+json`, with any
+/// parameters, in any case.
+fn is_json_content_type(ct: &str) -> bool {
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+fn depth_exceeds(v: &Value, max: usize) -> bool {
+    // serde_json bounds nesting at 128, so this recursion is bounded too.
+    fn d(v: &Value, left: usize) -> bool {
+        match v {
+            Value::Array(a) => left == 0 || a.iter().any(|x| d(x, left - 1)),
+            Value::Object(o) => left == 0 || o.values().any(|x| d(x, left - 1)),
+            _ => false,
+        }
+    }
+    d(v, max)
+}
+
+/// Follows a singular selector from `root`.
+fn get_singular<'v>(sel: &Selector, root: &'v Value) -> Option<&'v Value> {
+    use super::selector::Atom;
+    let mut cur = root;
+    for step in &sel.steps {
+        cur = match (step.atoms.first()?, cur) {
+            (Atom::Name(n), Value::Object(o)) => o.get(n)?,
+            (Atom::Index(i), Value::Array(a)) => {
+                let idx = if *i >= 0 {
+                    usize::try_from(*i).ok()?
+                } else {
+                    a.len()
+                        .checked_sub(usize::try_from(i.unsigned_abs()).ok()?)?
+                };
+                a.get(idx)?
+            }
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+fn subject_of(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Finds every node `sel` selects from `root`, without descending into a found node.
+fn find_all(sel: &Selector, root: &Value, limit: usize) -> Result<Vec<Vec<PathElem>>, usize> {
+    fn go(
+        sel: &Selector,
+        v: &Value,
+        states: &[usize],
+        path: &mut Vec<PathElem>,
+        out: &mut Vec<Vec<PathElem>>,
+        limit: usize,
+    ) -> Result<(), usize> {
+        if states.iter().any(|&p| sel.is_complete(p)) {
+            out.push(path.clone());
+            if out.len() > limit {
+                return Err(out.len());
+            }
+            return Ok(());
+        }
+        if states.is_empty() {
+            return Ok(());
+        }
+        let mut next = Vec::new();
+        match v {
+            Value::Object(o) => {
+                for (k, child) in o {
+                    next.clear();
+                    for &p in states {
+                        sel.advance(p, Edge::Key(k), &mut |q| next.push(q));
+                    }
+                    if !next.is_empty() {
+                        path.push(PathElem::Key(k.clone()));
+                        let n = next.clone();
+                        go(sel, child, &n, path, out, limit)?;
+                        path.pop();
+                    }
+                }
+            }
+            Value::Array(a) => {
+                let len = a.len();
+                for (i, child) in a.iter().enumerate() {
+                    next.clear();
+                    for &p in states {
+                        sel.advance(p, Edge::Index(i, len), &mut |q| next.push(q));
+                    }
+                    if !next.is_empty() {
+                        path.push(PathElem::Index(i));
+                        let n = next.clone();
+                        go(sel, child, &n, path, out, limit)?;
+                        path.pop();
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    go(sel, root, &[0], &mut Vec::new(), &mut out, limit)?;
+    Ok(out)
+}
+
+fn get_path_mut<'v>(root: &'v mut Value, path: &[PathElem]) -> Option<&'v mut Value> {
+    let mut cur = root;
+    for e in path {
+        cur = match (e, cur) {
+            (PathElem::Key(k), Value::Object(o)) => o.get_mut(k)?,
+            (PathElem::Index(i), Value::Array(a)) => a.get_mut(*i)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+fn path_string(path: &[PathElem]) -> String {
+    let mut s = String::from("$");
+    for e in path {
+        match e {
+            PathElem::Key(k) => push_edge(&mut s, Edge::Key(k)),
+            PathElem::Index(i) => push_edge(&mut s, Edge::Index(*i, 0)),
+        }
+    }
+    s
+}
+
+/// Decides fields of one subject for one recipient.
+struct Judge<'a> {
+    policy: &'a Policy,
+    recipient: Option<usize>,
+    subject: Option<&'a str>,
+    pseudonym: Option<String>,
+    record_consent: Option<&'a Value>,
+    record_consent_path: Option<&'a str>,
+    header: Option<&'a HeaderConsent>,
+    header_name: &'a str,
+    store: &'a StoreAnswers,
+}
+
+struct Verdict {
+    allowed: bool,
+    reason: Option<Reason>,
+    purpose: Option<usize>,
+    evidence: Option<String>,
+}
+
+impl<'a> Judge<'a> {
+    fn new(
+        policy: &'a Policy,
+        ex: &'a Exchange,
+        direction: Direction,
+        subject: Option<&'a str>,
+        store: &'a StoreAnswers,
+    ) -> Self {
+        Judge {
+            policy,
+            recipient: ex.recipient(direction).service.map(|s| s.0),
+            subject,
+            pseudonym: match (subject, &policy.subject_key) {
+                (Some(s), Some(k)) => Some(subject_pseudonym(k, s)),
+                _ => None,
+            },
+            record_consent: None,
+            record_consent_path: None,
+            header: ex.header_consent.as_ref(),
+            header_name: policy.consent_header().unwrap_or("consent-header"),
+            store,
+        }
+    }
+
+    /// Whether the subject granted `key`, and the evidence for the answer.
+    fn consent(&self, key: &str) -> (bool, String) {
+        if let Some(v) = self.record_consent.and_then(|c| c.get(key)) {
+            let path = self.record_consent_path.unwrap_or("$");
+            return (granted(v) == Some(true), format!("record:{path}.{key}"));
+        }
+        let Some(subject) = self.subject else {
+            return (false, "none:no_subject".into());
+        };
+        if let Some(grants) = self.header.and_then(|h| h.grants(subject)) {
+            return (grants.contains(key), format!("header:{}", self.header_name));
+        }
+        match self.store.get(subject) {
+            Some(ConsentAnswer::Known(m)) => (m.get(key) == Some(&true), "store".into()),
+            Some(ConsentAnswer::Unknown) => (false, "store:unknown_subject".into()),
+            None => (false, "none".into()),
+        }
+    }
+
+    /// The rule: some purpose of the recipient allows the category, and its legal basis
+    /// holds for this subject. Purposes are tried in the service's order.
+    fn decide(&self, category: usize) -> Verdict {
+        let Some(svc) = self.recipient else {
+            return Verdict {
+                allowed: false,
+                reason: Some(Reason::NoPurpose),
+                purpose: None,
+                evidence: None,
+            };
+        };
+        let candidates = &self.policy.services[svc].grants[category];
+        let mut first_refusal: Option<(usize, String)> = None;
+        for &p in candidates {
+            let purpose = &self.policy.purposes[p];
+            match (&purpose.basis, &purpose.consent_key) {
+                (LegalBasis::Consent, Some(key)) => {
+                    let (ok, evidence) = self.consent(key);
+                    if ok {
+                        return Verdict {
+                            allowed: true,
+                            reason: None,
+                            purpose: Some(p),
+                            evidence: Some(evidence),
+                        };
+                    }
+                    first_refusal.get_or_insert((p, evidence));
+                }
+                _ => {
+                    return Verdict {
+                        allowed: true,
+                        reason: None,
+                        purpose: Some(p),
+                        evidence: None,
+                    }
+                }
+            }
+        }
+        match first_refusal {
+            Some((p, evidence)) => Verdict {
+                allowed: false,
+                reason: Some(Reason::NoConsent),
+                purpose: Some(p),
+                evidence: Some(evidence),
+            },
+            None => Verdict {
+                allowed: false,
+                reason: Some(Reason::NoPurpose),
+                purpose: None,
+                evidence: None,
+            },
+        }
+    }
+
+    fn decision(
+        &self,
+        path: String,
+        category: &str,
+        action: &'static str,
+        v: &Verdict,
+    ) -> FieldDecision {
+        let purpose = v.purpose.map(|p| &self.policy.purposes[p]);
+        FieldDecision {
+            path,
+            category: category.to_string(),
+            action,
+            reason: v.reason,
+            purpose: purpose.map(|p| p.name.clone()),
+            basis: purpose.map(|p| p.basis.as_str()),
+            evidence: v.evidence.clone(),
+            subject: self.pseudonym.clone(),
+        }
+    }
+
+    /// Applies `action` to `node`; returns whether the node must be removed.
+    fn apply(&self, node: &mut Value, action: &Action) -> bool {
+        match action {
+            Action::Strip => return true,
+            Action::Redact => *node = Value::String(self.policy.redact_marker.clone()),
+            Action::Hash => {
+                // A policy with a hash action does not compile without the key.
+                if let Some(k) = &self.policy.hash_key {
+                    *node = hash_value(k, node);
+                } else {
+                    return true;
+                }
+            }
+            Action::Mask(spec) => *node = mask_value(spec, node),
+            Action::Block => {}
+        }
+        false
+    }
+}
+
+/// Walks one record, deciding and applying as it goes.
+struct RecordWalk<'a, 'r> {
+    judge: Judge<'a>,
+    binding: &'a CBinding,
+    report: &'r mut Report,
+    changed: bool,
+}
+
+impl RecordWalk<'_, '_> {
+    /// Returns false when the node must be removed from its parent.
+    fn visit(
+        &mut self,
+        node: &mut Value,
+        states: &[(usize, usize)],
+        mut covered: bool,
+        path: &mut String,
+    ) -> bool {
+        let policy = self.judge.policy;
+        let mut worst: Option<&Action> = None;
+        let mut matched_any = false;
+        let mut pending: Vec<(usize, Verdict)> = Vec::new();
+        for &(f, pos) in states {
+            let field = &self.binding.fields[f];
+            if !field.selector.is_complete(pos) || pending.iter().any(|(g, _)| *g == f) {
+                continue;
+            }
+            matched_any = true;
+            let v = self.judge.decide(field.category);
+            if !v.allowed && worst.is_none_or(|w| field.action.severity() > w.severity()) {
+                worst = Some(&field.action);
+            }
+            pending.push((f, v));
+        }
+        if matched_any {
+            for (f, v) in &pending {
+                let field = &self.binding.fields[*f];
+                let action = if v.allowed {
+                    "allow"
+                } else {
+                    worst.map(Action::as_str).unwrap_or("strip")
+                };
+                let category = &policy.categories[field.category];
+                if !v.allowed && action == "block" {
+                    self.report.blocked.insert(category.clone());
+                }
+                let d = self.judge.decision(path.clone(), category, action, v);
+                self.report.push(d);
+            }
+            if let Some(action) = worst {
+                if *action != Action::Block {
+                    self.changed = true;
+                }
+                return !self.judge.apply(node, action);
+            }
+            covered = true;
+        }
+        let undeclared_strip = policy.undeclared == Undeclared::Strip && !covered;
+        let is_container = matches!(node, Value::Object(_) | Value::Array(_));
+        if undeclared_strip && (states.is_empty() || !is_container) {
+            self.report.push(FieldDecision {
+                path: path.clone(),
+                category: "undeclared".into(),
+                action: "strip",
+                reason: Some(Reason::Undeclared),
+                purpose: None,
+                basis: None,
+                evidence: None,
+                subject: self.judge.pseudonym.clone(),
+            });
+            self.changed = true;
+            return false;
+        }
+        if states.is_empty() && !undeclared_strip && !covered {
+            return true;
+        }
+        let fields = &self.binding.fields;
+        let mut next: Vec<(usize, usize)> = Vec::new();
+        let step = |edge: Edge<'_>, next: &mut Vec<(usize, usize)>| {
+            next.clear();
+            for &(f, pos) in states {
+                fields[f]
+                    .selector
+                    .advance(pos, edge, &mut |q| next.push((f, q)));
+            }
+        };
+        match node {
+            Value::Object(map) => {
+                map.retain(|k, child| {
+                    step(Edge::Key(k), &mut next);
+                    if next.is_empty() && !undeclared_strip {
+                        return true;
+                    }
+                    let len = path.len();
+                    push_edge(path, Edge::Key(k));
+                    let keep = self.visit(child, &next.clone(), covered, path);
+                    path.truncate(len);
+                    keep
+                });
+            }
+            Value::Array(items) => {
+                let n = items.len();
+                let mut i = 0;
+                items.retain_mut(|child| {
+                    step(Edge::Index(i, n), &mut next);
+                    let keep = if next.is_empty() && !undeclared_strip {
+                        true
+                    } else {
+                        let len = path.len();
+                        push_edge(path, Edge::Index(i, n));
+                        let keep = self.visit(child, &next.clone(), covered, path);
+                        path.truncate(len);
+                        keep
+                    };
+                    i += 1;
+                    keep
+                });
+            }
+            _ => {}
+        }
+        true
+    }
+}
+
+impl Policy {
+    /// Names the upstream service from Envoy's cluster name, then the `:authority`.
+    pub fn identify_upstream(&self, cluster: Option<&str>, authority: Option<&str>) -> Party {
+        let by_cluster = cluster.and_then(|c| self.by_cluster.get(c));
+        let by_authority = || {
+            let a = authority?.to_ascii_lowercase();
+            self.by_authority.get(&a).or_else(|| {
+                let host = a.rsplit_once(':').map(|(h, _)| h).unwrap_or(&a);
+                self.by_authority.get(host)
+            })
+        };
+        match by_cluster.or_else(by_authority) {
+            Some(&id) => self.party(id),
+            None => Party {
+                service: None,
+                label: format!(
+                    "unknown(cluster={}, authority={})",
+                    cluster.unwrap_or("-"),
+                    authority.unwrap_or("-")
+                ),
+            },
+        }
+    }
+
+    /// Names the caller from its mTLS principal (SPIFFE URI SAN) or, only where the
+    /// policy trusts a caller header, from that header.
+    pub fn identify_caller(&self, principal: Option<&str>, header: Option<&str>) -> Party {
+        if let Some(&id) = principal.and_then(|p| self.by_principal.get(p)) {
+            return self.party(id);
+        }
+        if self.caller_header.is_some() {
+            if let Some(&id) = header.and_then(|h| self.by_name.get(h.trim())) {
+                return self.party(id);
+            }
+        }
+        Party {
+            service: None,
+            label: format!("unknown(principal={})", principal.unwrap_or("-")),
+        }
+    }
+
+    fn party(&self, id: usize) -> Party {
+        Party {
+            service: Some(ServiceId(id)),
+            label: self.services[id].name.clone(),
+        }
+    }
+
+    /// Builds the exchange from the request's facts. `headers` are the request headers
+    /// (names lower-case); the consent header is used only from a trusted caller, and
+    /// ignored when it is repeated or malformed.
+    pub fn exchange(
+        &self,
+        request_id: Option<String>,
+        method: &str,
+        path: &str,
+        caller: Party,
+        upstream: Party,
+        headers: &[(String, String)],
+    ) -> Exchange {
+        let mut ex = Exchange {
+            request_id,
+            method: method.to_string(),
+            path: path.to_string(),
+            caller,
+            upstream,
+            header_consent: None,
+            header_consent_note: None,
+            message_subject: None,
+        };
+        if let Some(h) = &self.consent_header {
+            let values: Vec<&str> = headers
+                .iter()
+                .filter(|(k, _)| *k == h.name)
+                .map(|(_, v)| v.as_str())
+                .collect();
+            if !values.is_empty() {
+                let trusted = ex.caller.service.is_some_and(|s| h.trusted.contains(&s));
+                if !trusted {
+                    ex.header_consent_note = Some(format!(
+                        "{} ignored: caller {} is not trusted to send it",
+                        h.name, ex.caller.label
+                    ));
+                } else if values.len() > 1 {
+                    ex.header_consent_note = Some(format!(
+                        "{} ignored: it appears {} times",
+                        h.name,
+                        values.len()
+                    ));
+                } else {
+                    match HeaderConsent::parse(values[0]) {
+                        Ok(c) => ex.header_consent = Some(c),
+                        Err(e) => ex.header_consent_note = Some(format!("{} ignored: {e}", h.name)),
+                    }
+                }
+            }
+        }
+        if let Some(b) = self.binding_for(Direction::Request, method, path) {
+            ex.message_subject = match self.message_subject(b) {
+                Some(MessageSubject::Header(name)) => {
+                    let mut vals = headers
+                        .iter()
+                        .filter(|(k, _)| k == name)
+                        .map(|(_, v)| v.trim());
+                    match (vals.next(), vals.next()) {
+                        // Two different subjects for one message: trust neither.
+                        (Some(v), None) if !v.is_empty() => Some(v.to_string()),
+                        _ => None,
+                    }
+                }
+                Some(MessageSubject::Query(name)) => {
+                    let mut vals = query_pairs(path).filter(|(k, _)| k == name).map(|(_, v)| v);
+                    match (vals.next(), vals.next()) {
+                        (Some(v), None) if !v.is_empty() => Some(v),
+                        _ => None,
+                    }
+                }
+                None => None,
+            };
+        }
+        ex
+    }
+
+    fn needs_store(
+        &self,
+        ex: &Exchange,
+        direction: Direction,
+        subject: &str,
+        record_consent: Option<&Value>,
+    ) -> bool {
+        if self.store.is_none() {
+            return false;
+        }
+        let Some(svc) = ex.recipient(direction).service else {
+            return false;
+        };
+        if !self.services[svc.0].has_consent_purpose {
+            return false;
+        }
+        if ex
+            .header_consent
+            .as_ref()
+            .is_some_and(|h| h.grants(subject).is_some())
+        {
+            return false;
+        }
+        // The record answers every consent key the recipient could use.
+        let keys = self.services[svc.0]
+            .grants
+            .iter()
+            .flatten()
+            .filter_map(|&p| self.purposes[p].consent_key.as_deref());
+        let mut all_answered = true;
+        for k in keys {
+            if record_consent.and_then(|c| c.get(k)).is_none() {
+                all_answered = false;
+                break;
+            }
+        }
+        !all_answered
+    }
+
+    /// Key of a subject's consent in the cross-VM cache: a keyed pseudonym, so raw
+    /// customer ids never sit in shared memory.
+    pub fn cache_key(&self, subject: &str) -> String {
+        let id = match &self.subject_key {
+            Some(k) => subject_pseudonym(k, subject),
+            None => subject.to_string(),
+        };
+        format!("consentry/consent/{}/{id}", self.name)
+    }
+
+    /// Which consent-store answers the header phase needs.
+    pub fn plan_headers(
+        &self,
+        ex: &Exchange,
+        direction: Direction,
+        headers: &[(String, String)],
+    ) -> HeaderPlan {
+        let mut plan = HeaderPlan::default();
+        let Some(b) = self.binding_for(direction, &ex.method, &ex.path) else {
+            return plan;
+        };
+        let binding = &self.bindings[b.0];
+        let has_header_data = binding
+            .headers
+            .iter()
+            .any(|h| headers.iter().any(|(k, _)| *k == h.name));
+        let has_query_data = direction == Direction::Request
+            && binding
+                .query
+                .iter()
+                .any(|q| query_pairs(&ex.path).any(|(k, _)| k == q.name));
+        if has_header_data || has_query_data {
+            if let Some(s) = &ex.message_subject {
+                if self.needs_store(ex, direction, s, None) {
+                    plan.store_subjects.push(s.clone());
+                }
+            }
+        }
+        plan
+    }
+
+    /// Decides the customer data in headers and query parameters.
+    pub fn judge_headers(
+        &self,
+        ex: &Exchange,
+        direction: Direction,
+        headers: &[(String, String)],
+        store: &StoreAnswers,
+    ) -> HeaderVerdict {
+        let mut verdict = HeaderVerdict::default();
+        let Some(b) = self.binding_for(direction, &ex.method, &ex.path) else {
+            return verdict;
+        };
+        let binding = &self.bindings[b.0];
+        let judge = Judge::new(self, ex, direction, ex.message_subject.as_deref(), store);
+        for h in &binding.headers {
+            let values: Vec<&str> = headers
+                .iter()
+                .filter(|(k, _)| *k == h.name)
+                .map(|(_, v)| v.as_str())
+                .collect();
+            if values.is_empty() {
+                continue;
+            }
+            let (new_values, changed) =
+                self.judge_named(&judge, h, "header", &values, &mut verdict.report);
+            if changed {
+                verdict.set_headers.push((h.name.clone(), new_values));
+            }
+        }
+        if direction == Direction::Request && !binding.query.is_empty() {
+            let (base, query) = match ex.path.split_once('?') {
+                Some((b, q)) => (b, q),
+                None => (ex.path.as_str(), ""),
+            };
+            let mut parts: Vec<String> = Vec::new();
+            let mut changed_any = false;
+            for raw in query.split('&').filter(|p| !p.is_empty()) {
+                let (k, v) = raw.split_once('=').unwrap_or((raw, ""));
+                let key = percent_decode(k);
+                match binding.query.iter().find(|q| q.name == key) {
+                    Some(q) => {
+                        let value = percent_decode(v);
+                        let (new, changed) = self.judge_named(
+                            &judge,
+                            q,
+                            "query",
+                            &[value.as_str()],
+                            &mut verdict.report,
+                        );
+                        if changed {
+                            changed_any = true;
+                            if let Some(nv) = new.first() {
+                                parts.push(format!("{k}={}", percent_encode(nv)));
+                            }
+                        } else {
+                            parts.push(raw.to_string());
+                        }
+                    }
+                    None => parts.push(raw.to_string()),
+                }
+            }
+            if changed_any {
+                verdict.new_path = Some(if parts.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", parts.join("&"))
+                });
+            }
+        }
+        verdict
+    }
+
+    /// Decides one header or query parameter with all its values.
+    fn judge_named(
+        &self,
+        judge: &Judge<'_>,
+        n: &CNamed,
+        what: &str,
+        values: &[&str],
+        report: &mut Report,
+    ) -> (Vec<String>, bool) {
+        let v = judge.decide(n.category);
+        let category = &self.categories[n.category];
+        let path = format!("{what}:{}", n.name);
+        if v.allowed {
+            report.push(judge.decision(path, category, "allow", &v));
+            return (Vec::new(), false);
+        }
+        report.push(judge.decision(path, category, n.action.as_str(), &v));
+        if n.action == Action::Block {
+            report.blocked.insert(category.clone());
+            return (Vec::new(), false);
+        }
+        let mut out = Vec::new();
+        for value in values {
+            let mut node = Value::String((*value).to_string());
+            if !judge.apply(&mut node, &n.action) {
+                out.push(match node {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                });
+            }
+        }
+        (out, true)
+    }
+
+    /// Parses a body and locates its records. `Ok` with no records when there is
+    /// nothing to inspect.
+    pub fn plan_body(
+        &self,
+        ex: &Exchange,
+        direction: Direction,
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+        body: &[u8],
+    ) -> Result<BodyPlan, Uninspectable> {
+        let Some(b) = self.binding_for(direction, &ex.method, &ex.path) else {
+            return Ok(BodyPlan {
+                doc: None,
+                binding: 0,
+                records: Vec::new(),
+                store_subjects: Vec::new(),
+            });
+        };
+        let mut plan = BodyPlan {
+            doc: None,
+            binding: b.0,
+            records: Vec::new(),
+            store_subjects: Vec::new(),
+        };
+        if body.is_empty() {
+            return Ok(plan);
+        }
+        if body.len() > self.max_body_bytes {
+            return Err(Uninspectable::new(
+                UninspectableKind::TooLarge,
+                format!(
+                    "body of {} bytes is over the policy's limit of {} bytes",
+                    body.len(),
+                    self.max_body_bytes
+                ),
+            ));
+        }
+        if let Some(enc) = content_encoding
+            .map(str::trim)
+            .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
+        {
+            return Err(Uninspectable::new(
+                UninspectableKind::UnsupportedEncoding,
+                format!("content-encoding `{}` is not decoded by this filter; send the body uncompressed", short(enc)),
+            ));
+        }
+        match content_type {
+            Some(ct) if is_json_content_type(ct) => {}
+            Some(ct) => {
+                return Err(Uninspectable::new(
+                    UninspectableKind::UnsupportedMediaType,
+                    format!("content-type `{}` is not JSON; this path carries customer data and must be sent as application/json", short(ct)),
+                ))
+            }
+            None => {
+                return Err(Uninspectable::new(
+                    UninspectableKind::UnsupportedMediaType,
+                    "the body has no content-type; this path carries customer data and must be sent as application/json",
+                ))
+            }
+        }
+        let doc: Value = serde_json::from_slice(body).map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("recursion limit") {
+                Uninspectable::new(
+                    UninspectableKind::TooDeep,
+                    format!(
+                        "JSON nests deeper than the policy's limit of {}",
+                        self.max_depth
+                    ),
+                )
+            } else {
+                Uninspectable::new(
+                    UninspectableKind::Malformed,
+                    format!("body is not valid JSON: {msg}"),
+                )
+            }
+        })?;
+        if depth_exceeds(&doc, self.max_depth) {
+            return Err(Uninspectable::new(
+                UninspectableKind::TooDeep,
+                format!(
+                    "JSON nests deeper than the policy's limit of {}",
+                    self.max_depth
+                ),
+            ));
+        }
+        let binding = &self.bindings[b.0];
+        let paths = find_all(&binding.records, &doc, self.max_records).map_err(|n| {
+            Uninspectable::new(
+                UninspectableKind::TooManyRecords,
+                format!("more than {} records (found at least {n}); split the batch or raise limits.max_records", self.max_records),
+            )
+        })?;
+        for path in paths {
+            let Some(record) = get_path_mut_ref(&doc, &path) else {
+                continue;
+            };
+            let subject = binding
+                .subject
+                .as_ref()
+                .and_then(|s| get_singular(s, record))
+                .and_then(subject_of);
+            let consent = binding
+                .consent
+                .as_ref()
+                .and_then(|s| get_singular(s, record))
+                .filter(|v| v.is_object())
+                .cloned();
+            if let Some(s) = &subject {
+                if !plan.store_subjects.contains(s)
+                    && self.needs_store(ex, direction, s, consent.as_ref())
+                {
+                    plan.store_subjects.push(s.clone());
+                }
+            }
+            plan.records.push(RecordInfo {
+                path,
+                subject,
+                consent,
+            });
+        }
+        plan.doc = Some(doc);
+        Ok(plan)
+    }
+
+    /// Decides every record of a planned body and applies the actions.
+    pub fn judge_body(
+        &self,
+        ex: &Exchange,
+        direction: Direction,
+        plan: BodyPlan,
+        store: &StoreAnswers,
+    ) -> BodyVerdict {
+        let mut verdict = BodyVerdict::default();
+        let Some(mut doc) = plan.doc else {
+            return verdict;
+        };
+        let binding = &self.bindings[plan.binding];
+        let mut changed = false;
+        let initial: Vec<(usize, usize)> = (0..binding.fields.len()).map(|f| (f, 0)).collect();
+        for rec in &plan.records {
+            let Some(node) = get_path_mut(&mut doc, &rec.path) else {
+                continue;
+            };
+            let mut judge = Judge::new(self, ex, direction, rec.subject.as_deref(), store);
+            judge.record_consent = rec.consent.as_ref();
+            judge.record_consent_path = binding.consent.as_ref().map(|s| s.source.as_str());
+            let mut path = path_string(&rec.path);
+            let mut walk = RecordWalk {
+                judge,
+                binding,
+                report: &mut verdict.report,
+                changed: false,
+            };
+            let keep = walk.visit(node, &initial, false, &mut path);
+            changed |= walk.changed;
+            if !keep {
+                // The record itself was removed: it stays in place as `null`, so the
+                // positions of the other records do not shift.
+                *node = Value::Null;
+            }
+        }
+        if changed {
+            verdict.body = Some(serde_json::to_vec(&doc).unwrap_or_default());
+        }
+        verdict
+    }
+
+    /// The log entry for one message. `failure` is set for an uninspectable message.
+    pub fn decision_log(
+        &self,
+        ex: &Exchange,
+        direction: Direction,
+        report: &Report,
+        failure: Option<&Uninspectable>,
+        time_ms: u64,
+    ) -> DecisionLog {
+        let outcome = if failure.is_some() {
+            Outcome::Uninspectable
+        } else if report.is_blocked() {
+            Outcome::Blocked
+        } else if report.changed() {
+            Outcome::Modified
+        } else {
+            Outcome::Allowed
+        };
+        let enforced =
+            self.mode == Mode::Enforce && !(failure.is_some() && self.fail == FailMode::Open);
+        let status = match (enforced, failure, outcome) {
+            (true, Some(f), _) => Some(f.status(direction)),
+            (true, None, Outcome::Blocked) => Some(403),
+            _ => None,
+        };
+        let mut detail = failure.map(|f| format!("{}: {}", f.code(), f.detail));
+        if let Some(note) = &ex.header_consent_note {
+            detail = Some(match detail {
+                Some(d) => format!("{d}; {note}"),
+                None => note.clone(),
+            });
+        }
+        DecisionLog {
+            time_ms,
+            request_id: ex.request_id.clone(),
+            policy: self.name.clone(),
+            binding: self
+                .binding_for(direction, &ex.method, &ex.path)
+                .map(|b| self.binding_name(b).to_string()),
+            caller: ex.caller.label.clone(),
+            recipient: ex.recipient(direction).label.clone(),
+            direction: direction.as_str(),
+            mode: match self.mode {
+                Mode::Enforce => "enforce",
+                Mode::Audit => "audit",
+            },
+            outcome,
+            enforced,
+            status,
+            detail,
+            blocked_categories: report.blocked.iter().cloned().collect(),
+            fields: report.fields.clone(),
+            fields_omitted: report.omitted,
+            counts: report.counts.clone(),
+        }
+    }
+
+    /// The JSON body of a 403 for a blocked message: names the policy and the
+    /// categories, never a value.
+    pub fn block_response(&self, ex: &Exchange, direction: Direction, report: &Report) -> Vec<u8> {
+        serde_json::json!({
+            "error": "consentry_blocked",
+            "policy": self.name,
+            "direction": direction.as_str(),
+            "recipient": ex.recipient(direction).label,
+            "categories": report.blocked,
+            "request_id": ex.request_id,
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    /// The JSON body of a refusal for an uninspectable message.
+    pub fn uninspectable_response(
+        &self,
+        ex: &Exchange,
+        direction: Direction,
+        failure: &Uninspectable,
+    ) -> Vec<u8> {
+        serde_json::json!({
+            "error": "consentry_uninspectable",
+            "policy": self.name,
+            "direction": direction.as_str(),
+            "reason": failure.code(),
+            "detail": failure.detail,
+            "request_id": ex.request_id,
+        })
+        .to_string()
+        .into_bytes()
+    }
+}
+
+fn get_path_mut_ref<'v>(root: &'v Value, path: &[PathElem]) -> Option<&'v Value> {
+    let mut cur = root;
+    for e in path {
+        cur = match (e, cur) {
+            (PathElem::Key(k), Value::Object(o)) => o.get(k)?,
+            (PathElem::Index(i), Value::Array(a)) => a.get(*i)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+/// Decoded `(name, value)` pairs of a path's query.
+fn query_pairs(path: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    let q = path.split_once('?').map(|(_, q)| q).unwrap_or("");
+    q.split('&').filter(|p| !p.is_empty()).map(|p| {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        (percent_decode(k), percent_decode(v))
+    })
+}
+
+/// A header value quoted in an error, cut short.
+fn short(s: &str) -> String {
+    let mut out: String = s.chars().take(64).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
+}

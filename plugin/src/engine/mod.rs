@@ -1,0 +1,60 @@
+//! The policy engine: pure Rust, no proxy-wasm. The glue in `crate::filter` (wasm32
+//! only) and the native tools drive it through this API.
+//!
+//! Life of a message:
+//! 1. [`Policy::compile`] once, when the plugin is configured.
+//! 2. Per exchange, [`Policy::identify_upstream`] / [`Policy::identify_caller`] name the
+//!    services, [`Policy::binding_for`] says whether the route is covered at all (if it is
+//!    not, nothing is buffered or inspected).
+//! 3. Per message (request or response): [`Policy::plan_headers`] / [`Policy::plan_body`]
+//!    read what is needed and say which subjects' consent must come from the consent store;
+//!    the caller gathers those answers (cache or HTTP call) and then
+//!    [`Policy::judge_headers`] / [`Policy::judge_body`] decide and produce the changes.
+//! 4. [`Policy::decision_log`] turns the verdicts of one message into its log entry.
+
+mod actions;
+mod compile;
+mod consent;
+mod decision;
+mod eval;
+pub mod policy;
+mod selector;
+
+pub use compile::{category_covers, Action, Policy, PolicyError, PolicyErrors, StoreConfig};
+pub use consent::{
+    cache_decode, cache_encode, parse_store_response, store_request_body, ConsentAnswer,
+    HeaderConsent, StoreAnswers,
+};
+pub use decision::{DecisionLog, FieldDecision, Outcome, Reason};
+pub use eval::{
+    BodyPlan, BodyVerdict, Exchange, HeaderPlan, HeaderVerdict, Party, Report, Uninspectable,
+    UninspectableKind,
+};
+
+/// Which way a message travels. A request body goes to the upstream service; a response
+/// body goes back to the caller. Decisions are about the recipient of the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Request,
+    Response,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Request => "request",
+            Direction::Response => "response",
+        }
+    }
+}
+
+/// Index of a service in the compiled policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ServiceId(pub(crate) usize);
+
+/// Index of a message binding in the compiled policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BindingId(pub(crate) usize);
+
+#[cfg(test)]
+mod tests;
