@@ -149,6 +149,9 @@ struct Side {
     report: Report,
     /// The body phase is over (decided, refused or not needed).
     done: bool,
+    /// The body ended while the header phase waited for the consent store: its size,
+    /// so it is judged as soon as the headers are.
+    ended_while_pending: Option<usize>,
 }
 
 /// A consent-store call in flight, and what to do when it answers.
@@ -544,6 +547,9 @@ impl Stream {
             return Action::Continue;
         }
         if self.pending.is_some() {
+            if end {
+                self.side(d).ended_while_pending = Some(size);
+            }
             return Action::Pause;
         }
         if size > policy.max_body_bytes() {
@@ -732,13 +738,18 @@ impl Context for Stream {
             }
         }
         pending.answers.extend(answers);
-        let action = match pending.phase {
+        let mut action = match pending.phase {
             Phase::Headers {
                 headers,
                 end_of_stream,
             } => self.judge_headers(d, &headers, end_of_stream, &pending.answers),
             Phase::Body { plan, size } => self.judge_body(d, plan, size, &pending.answers),
         };
+        if action == Action::Continue {
+            if let Some(size) = self.side(d).ended_while_pending.take() {
+                action = self.on_body(d, size, true);
+            }
+        }
         if action == Action::Continue {
             Self::resume(d);
         }

@@ -239,8 +239,11 @@ impl Policy {
         text: &[u8],
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Policy, PolicyErrors> {
+        // Parsed twice (once only at configure time) so that a value of the wrong
+        // shape is not reported as broken JSON syntax.
+        let syntax_ok = serde_json::from_slice::<serde::de::IgnoredAny>(text).is_ok();
         let file: PolicyFile = serde_json::from_slice(text).map_err(|e| {
-            let hint = if e.is_syntax() || e.is_eof() {
+            let hint = if !syntax_ok {
                 "the policy is not valid JSON; fix the syntax there"
             } else {
                 "the policy does not have the v1 shape; see policies/README.md for every key"
@@ -457,6 +460,12 @@ impl Policy {
         let mut seen_names = HashMap::new();
         for (bi, m) in file.messages.iter().enumerate() {
             let at = format!("/messages/{bi}");
+            if m.name.trim().is_empty() {
+                errs.at(
+                    format!("{at}/name"),
+                    "a binding needs a name; it appears in decision logs",
+                );
+            }
             if let Some(prev) = seen_names.insert(m.name.clone(), bi) {
                 errs.at(format!("{at}/name"), format!("binding name `{}` is already used by /messages/{prev}; names appear in logs and must be unique", m.name));
             }

@@ -52,8 +52,9 @@ pub struct FieldDecision {
     pub purpose: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub basis: Option<&'static str>,
-    /// Where the consent came from (`record:$.consents.marketing_email`, `header`,
-    /// `store`, `store:cache`, `none`), for consent-based purposes.
+    /// Where the consent came from, for consent-based purposes:
+    /// `record:$.consents.marketing_email`, `header:NAME`, `store`,
+    /// `store:unknown_subject`, `none` or `none:no_subject`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evidence: Option<String>,
     /// Keyed pseudonym of the data subject.
