@@ -1,0 +1,1606 @@
+//! `consentry report`: summarises decision logs for security reviewers.
+//!
+//! Reads the decision entries the filter wrote, in any of the forms they reach a log
+//! pipeline:
+//!
+//! - Envoy's log: lines holding `consentry.decision {json}`;
+//! - Envoy's access log in the JSON-lines format of `envoy/bootstrap.template.yaml`: the
+//!   key `consentry_decision` holds a JSON array (as a string) of the exchange's entries,
+//!   or `-` / nothing when the policy did not touch it;
+//! - plain JSON lines, one entry per line (or a JSON value holding entries, such as
+//!   `consentry replay --format json` output, or a log shipper's wrapper around an Envoy
+//!   log line).
+//!
+//! and groups the blocked, modified and uninspectable flows (and, on request, the allowed
+//! ones) by caller → recipient → category. Entries hold subjects only as keyed
+//! pseudonyms; the report counts distinct subjects and never shows the pseudonyms.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use anstyle::{AnsiColor, Style};
+use anyhow::Context as _;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// What precedes an entry in Envoy's log (the filter's `LOG_PREFIX`, without its space).
+const MARKER: &str = "consentry.decision";
+/// The access log key holding the exchange's entries.
+const ACCESS_LOG_KEY: &str = "consentry_decision";
+/// Warnings listed per input; the rest are counted.
+const MAX_WARNINGS: usize = 50;
+/// How deep into a JSON value entries are looked for.
+const MAX_DEPTH: usize = 8;
+/// Longest caller, recipient or other name shown in the text report.
+const MAX_TEXT: usize = 120;
+/// Uninspectable reasons listed per flow in the text report.
+const MAX_DETAILS: usize = 10;
+
+const UNKNOWN: &str = "(unknown)";
+
+/// What the report covers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReportOptions {
+    /// Also list allowed flows, with the legal basis that let each category through.
+    pub include_allowed: bool,
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading
+// ---------------------------------------------------------------------------------------
+
+/// Reads the decision entries of one log file (`-` for standard input). Returns the
+/// entries and warnings about lines that were skipped (`line 12: ...`). Fails only when
+/// the input cannot be read (or is compressed); bad lines never fail the read.
+pub fn read_entries(path: &Path) -> anyhow::Result<(Vec<Value>, Vec<String>)> {
+    if path.as_os_str() == "-" {
+        let stdin = std::io::stdin();
+        read_from(stdin.lock()).context("cannot read decision logs from standard input")
+    } else {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open decision log {}", path.display()))?;
+        read_from(BufReader::new(file))
+            .with_context(|| format!("cannot read decision log {}", path.display()))
+    }
+}
+
+/// [`read_entries`] on any reader.
+pub fn read_from<R: BufRead>(mut reader: R) -> anyhow::Result<(Vec<Value>, Vec<String>)> {
+    let mut state = Reader::default();
+    let mut buf = Vec::new();
+    let mut line_no = 0usize;
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf)? == 0 {
+            break;
+        }
+        line_no += 1;
+        if line_no == 1 && buf.starts_with(&[0x1f, 0x8b]) {
+            anyhow::bail!(
+                "the input is gzip-compressed; decompress it first (e.g. `zcat FILE | consentry report -`)"
+            );
+        }
+        let text = String::from_utf8_lossy(&buf);
+        let mut line = text.trim();
+        if line_no == 1 {
+            line = line.trim_start_matches('\u{feff}');
+        }
+        state.line(line_no, line);
+    }
+    Ok(state.finish())
+}
+
+#[derive(Default)]
+struct Reader {
+    entries: Vec<Value>,
+    warnings: Vec<String>,
+    suppressed: usize,
+    /// Lines that held no entry and were not worth a warning (Envoy's other log lines).
+    ignored: usize,
+}
+
+impl Reader {
+    fn warn(&mut self, line: usize, msg: &str) {
+        if self.warnings.len() < MAX_WARNINGS {
+            self.warnings.push(format!("line {line}: {msg}"));
+        } else {
+            self.suppressed += 1;
+        }
+    }
+
+    fn line(&mut self, n: usize, line: &str) {
+        if line.is_empty() {
+            return;
+        }
+        if line.starts_with('{') || line.starts_with('[') {
+            match serde_json::from_str::<Value>(line) {
+                Ok(v) => {
+                    let mut problems = Vec::new();
+                    let found = collect(&v, 0, &mut self.entries, &mut problems);
+                    if found == 0 && problems.is_empty() {
+                        self.ignored += 1;
+                    }
+                    for p in problems {
+                        self.warn(n, &p);
+                    }
+                    return;
+                }
+                // A line of JSON that does not parse, and is not an Envoy log line
+                // (those start with `[` too, and are handled below).
+                Err(e) if line.starts_with('{') && !line.contains(MARKER) => {
+                    self.warn(n, &format!("not valid JSON ({e}), skipped"));
+                    return;
+                }
+                Err(_) => {}
+            }
+        }
+        match after_marker(line) {
+            Some(rest) => {
+                let mut problems = Vec::new();
+                let found = parse_after_marker(rest, 0, &mut self.entries, &mut problems);
+                if found == 0 && problems.is_empty() {
+                    problems.push(format!(
+                        "the JSON after {MARKER} is not a decision entry, skipped"
+                    ));
+                }
+                for p in problems {
+                    self.warn(n, &p);
+                }
+            }
+            None => self.ignored += 1,
+        }
+    }
+
+    fn finish(mut self) -> (Vec<Value>, Vec<String>) {
+        if self.suppressed > 0 {
+            self.warnings.push(format!(
+                "{} more lines skipped with warnings",
+                self.suppressed
+            ));
+        }
+        if self.entries.is_empty() && self.ignored > 0 {
+            self.warnings.push(format!(
+                "no decision entries found: {} lines held neither `{MARKER} {{...}}` nor a `{ACCESS_LOG_KEY}` field",
+                self.ignored
+            ));
+        }
+        (self.entries, self.warnings)
+    }
+}
+
+/// The text after the first `consentry.decision` that is followed by a space or `{`.
+fn after_marker(s: &str) -> Option<&str> {
+    let mut from = 0;
+    while let Some(pos) = s.get(from..)?.find(MARKER) {
+        let rest = s.get(from + pos + MARKER.len()..)?;
+        if rest.is_empty() || rest.starts_with(|c: char| c.is_whitespace() || c == '{') {
+            return Some(rest);
+        }
+        from += pos + MARKER.len();
+    }
+    None
+}
+
+/// Parses the JSON value after the marker (trailing text is ignored) and collects the
+/// entries in it.
+fn parse_after_marker(
+    rest: &str,
+    depth: usize,
+    out: &mut Vec<Value>,
+    problems: &mut Vec<String>,
+) -> usize {
+    let rest = rest.trim_start();
+    if rest.is_empty() {
+        problems.push(format!("nothing after {MARKER}, skipped"));
+        return 0;
+    }
+    let mut stream = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+    match stream.next() {
+        Some(Ok(v)) => collect(&v, depth + 1, out, problems),
+        Some(Err(e)) => {
+            problems.push(format!("not JSON after {MARKER} ({e}), skipped"));
+            0
+        }
+        None => {
+            problems.push(format!("nothing after {MARKER}, skipped"));
+            0
+        }
+    }
+}
+
+/// Whether an object is a decision entry (of any version of the format).
+fn looks_like_entry(map: &Map<String, Value>) -> bool {
+    map.get("outcome").is_some_and(Value::is_string)
+        && ["recipient", "caller", "policy", "fields", "counts"]
+            .iter()
+            .any(|k| map.contains_key(*k))
+}
+
+/// Collects the decision entries in a JSON value; returns how many it found.
+fn collect(v: &Value, depth: usize, out: &mut Vec<Value>, problems: &mut Vec<String>) -> usize {
+    if depth > MAX_DEPTH {
+        return 0;
+    }
+    match v {
+        Value::Object(map) if looks_like_entry(map) => {
+            out.push(v.clone());
+            1
+        }
+        Value::Object(map) => match map.get(ACCESS_LOG_KEY) {
+            // An access log line: its other keys describe the request, not decisions.
+            Some(d) => access_log_value(d, depth, out, problems),
+            None => map
+                .values()
+                .map(|child| collect(child, depth + 1, out, problems))
+                .sum(),
+        },
+        Value::Array(items) => items
+            .iter()
+            .map(|item| collect(item, depth + 1, out, problems))
+            .sum(),
+        // A log shipper's wrapper around an Envoy log line.
+        Value::String(s) => match after_marker(s) {
+            Some(rest) => parse_after_marker(rest, depth, out, problems),
+            None => 0,
+        },
+        _ => 0,
+    }
+}
+
+/// The `consentry_decision` field of an access log line.
+fn access_log_value(
+    d: &Value,
+    depth: usize,
+    out: &mut Vec<Value>,
+    problems: &mut Vec<String>,
+) -> usize {
+    match d {
+        Value::Null => 0,
+        Value::String(s) => {
+            let s = s.trim();
+            if s.is_empty() || s == "-" {
+                return 0;
+            }
+            match serde_json::from_str::<Value>(s) {
+                Ok(v) => access_log_value_parsed(&v, depth, out, problems),
+                Err(e) => {
+                    problems.push(format!("{ACCESS_LOG_KEY} is not JSON ({e}), skipped"));
+                    0
+                }
+            }
+        }
+        Value::Array(_) | Value::Object(_) => access_log_value_parsed(d, depth, out, problems),
+        _ => {
+            problems.push(format!(
+                "{ACCESS_LOG_KEY} is neither a JSON array nor \"-\", skipped"
+            ));
+            0
+        }
+    }
+}
+
+fn access_log_value_parsed(
+    v: &Value,
+    depth: usize,
+    out: &mut Vec<Value>,
+    problems: &mut Vec<String>,
+) -> usize {
+    match v {
+        Value::Array(items) => {
+            let mut found = 0;
+            for (i, item) in items.iter().enumerate() {
+                let n = collect(item, depth + 1, out, problems);
+                if n == 0 {
+                    problems.push(format!(
+                        "{ACCESS_LOG_KEY} item {}: not a decision entry, skipped",
+                        i + 1
+                    ));
+                }
+                found += n;
+            }
+            found
+        }
+        _ => {
+            let n = collect(v, depth + 1, out, problems);
+            if n == 0 {
+                problems.push(format!("{ACCESS_LOG_KEY} holds no decision entry, skipped"));
+            }
+            n
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The report
+// ---------------------------------------------------------------------------------------
+
+/// Number of entries per outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct OutcomeCounts {
+    pub blocked: usize,
+    pub modified: usize,
+    pub uninspectable: usize,
+    pub allowed: usize,
+    /// Outcomes this version does not know (or a missing outcome, as `(unknown)`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub other: BTreeMap<String, usize>,
+}
+
+impl OutcomeCounts {
+    fn add(&mut self, outcome: &str) {
+        match outcome {
+            "blocked" => self.blocked += 1,
+            "modified" => self.modified += 1,
+            "uninspectable" => self.uninspectable += 1,
+            "allowed" => self.allowed += 1,
+            other => *self.other.entry(other.to_owned()).or_default() += 1,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.blocked
+            + self.modified
+            + self.uninspectable
+            + self.allowed
+            + self.other.values().sum::<usize>()
+    }
+}
+
+/// The field decisions about one category in one flow.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CategorySummary {
+    pub category: String,
+    /// Field decisions counted (as listed in the entries' `fields`; see
+    /// [`Flow::fields_omitted`]).
+    pub decisions: usize,
+    /// Per action: `strip`, `redact`, `hash`, `mask`, `block` (and `allow` when allowed
+    /// flows are included).
+    pub actions: BTreeMap<String, usize>,
+    /// Per reason: `no_purpose`, `no_consent`, `undeclared`.
+    pub reasons: BTreeMap<String, usize>,
+    /// Distinct data subjects (pseudonyms) affected; the pseudonyms are not reported.
+    pub subjects: usize,
+    /// Purposes named by the decisions that changed or blocked a field (for `no_consent`:
+    /// the purpose that needed consent).
+    pub purposes: BTreeMap<String, usize>,
+    /// Legal bases named by the decisions that changed or blocked a field.
+    pub bases: BTreeMap<String, usize>,
+    /// Consent evidence used by the counted decisions.
+    pub evidence: BTreeMap<String, usize>,
+    /// For allowed fields (when allowed flows are included): the legal basis that let the
+    /// data through, `(none)` when the entry names none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub allowed_bases: BTreeMap<String, usize>,
+    /// For allowed fields: the purpose that allowed them.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub allowed_purposes: BTreeMap<String, usize>,
+    /// Messages refused because of this category (`blocked_categories`).
+    pub blocked_messages: usize,
+    pub first_seen: Option<String>,
+    pub last_seen: Option<String>,
+}
+
+impl CategorySummary {
+    /// Decisions that changed or blocked a field.
+    pub fn changed(&self) -> usize {
+        self.decisions
+            .saturating_sub(self.actions.get("allow").copied().unwrap_or(0))
+    }
+}
+
+/// Everything one caller sent to (or received from) one recipient.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Flow {
+    pub caller: String,
+    pub recipient: String,
+    /// Entries (messages) counted in this flow.
+    pub entries: usize,
+    pub outcomes: OutcomeCounts,
+    pub first_seen: Option<String>,
+    pub last_seen: Option<String>,
+    pub policies: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bindings: Vec<String>,
+    /// Entries per direction (`request`, `response`).
+    pub directions: BTreeMap<String, usize>,
+    /// Entries that were not enforced (audit mode, or uninspectable let through by
+    /// `fail: open`).
+    pub not_enforced: usize,
+    /// Status of refusals, per status.
+    pub statuses: BTreeMap<String, usize>,
+    /// Distinct data subjects affected across the flow's categories.
+    pub subjects: usize,
+    pub categories: Vec<CategorySummary>,
+    /// Why messages were uninspectable (`detail`), with counts.
+    pub uninspectable: BTreeMap<String, usize>,
+    /// Field decisions left out of entries to bound their size: when non-zero, the
+    /// per-category counts are partial and `action_totals` is the complete count.
+    pub fields_omitted: usize,
+    pub entries_with_omitted_fields: usize,
+    /// Field decisions per action, from each entry's `counts` (complete even when
+    /// entries omitted fields).
+    pub action_totals: BTreeMap<String, usize>,
+}
+
+/// The report: totals, and the flows, most blocked first.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub include_allowed: bool,
+    /// Distinct entries read (after duplicates were dropped).
+    pub entries: usize,
+    /// Entries dropped as duplicates (same request_id, direction and time).
+    pub duplicates: usize,
+    /// Values that were not JSON objects, ignored.
+    pub invalid_entries: usize,
+    pub first_seen: Option<String>,
+    pub last_seen: Option<String>,
+    /// Entries per outcome, allowed ones included even when they are not listed.
+    pub totals: OutcomeCounts,
+    /// Whether some entries omitted field decisions (per-category counts are partial).
+    pub partial: bool,
+    pub flows: Vec<Flow>,
+    /// What a reader should know about the input.
+    pub notes: Vec<String>,
+}
+
+/// Earliest and latest time seen, by instant, keeping the text as written.
+#[derive(Default)]
+struct Span {
+    first: Option<(i64, String)>,
+    last: Option<(i64, String)>,
+}
+
+impl Span {
+    fn see(&mut self, t: Option<&(i64, String)>) {
+        let Some((k, s)) = t else { return };
+        if self.first.as_ref().is_none_or(|(f, _)| k < f) {
+            self.first = Some((*k, s.clone()));
+        }
+        if self.last.as_ref().is_none_or(|(l, _)| k > l) {
+            self.last = Some((*k, s.clone()));
+        }
+    }
+
+    fn into_pair(self) -> (Option<String>, Option<String>) {
+        (self.first.map(|f| f.1), self.last.map(|l| l.1))
+    }
+}
+
+#[derive(Default)]
+struct CategoryAcc {
+    sum: CategorySummary,
+    subjects: HashSet<String>,
+    span: Span,
+}
+
+#[derive(Default)]
+struct FlowAcc {
+    flow: Flow,
+    policies: BTreeSet<String>,
+    bindings: BTreeSet<String>,
+    subjects: HashSet<String>,
+    categories: BTreeMap<String, CategoryAcc>,
+    span: Span,
+}
+
+fn bump(map: &mut BTreeMap<String, usize>, key: &str, n: usize) {
+    *map.entry(key.to_owned()).or_default() += n;
+}
+
+fn text<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
+    obj.get(key).and_then(Value::as_str)
+}
+
+/// A string key, or a number/bool written as text; empty strings count as missing.
+fn text_of(obj: &Map<String, Value>, key: &str) -> Option<String> {
+    match obj.get(key)? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn count_of(v: &Value) -> Option<usize> {
+    match v {
+        Value::Number(n) => n.as_u64().and_then(|n| usize::try_from(n).ok()),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Builds the report from decision entries (from any number of files, in any order).
+pub fn build(entries: &[Value], opts: &ReportOptions) -> Report {
+    let mut report = Report {
+        include_allowed: opts.include_allowed,
+        ..Report::default()
+    };
+    let mut seen: HashSet<(String, String, String)> = HashSet::new();
+    let mut flows: HashMap<(String, String), FlowAcc> = HashMap::new();
+    let mut span = Span::default();
+    let mut untimed = 0usize;
+    let mut bad_fields = 0usize;
+
+    for entry in entries {
+        let Some(obj) = entry.as_object() else {
+            report.invalid_entries += 1;
+            continue;
+        };
+        let time_text = text(obj, "time");
+        if let Some(rid) = text(obj, "request_id").filter(|r| !r.is_empty() && *r != "-") {
+            let key = (
+                rid.to_owned(),
+                text(obj, "direction").unwrap_or_default().to_owned(),
+                time_text.unwrap_or_default().to_owned(),
+            );
+            if !seen.insert(key) {
+                report.duplicates += 1;
+                continue;
+            }
+        }
+        report.entries += 1;
+        let time = time_text.and_then(|t| parse_time(t).map(|k| (k, t.to_owned())));
+        if time.is_none() {
+            untimed += 1;
+        }
+        span.see(time.as_ref());
+        let outcome = text(obj, "outcome").unwrap_or(UNKNOWN);
+        report.totals.add(outcome);
+        if outcome == "allowed" && !opts.include_allowed {
+            continue;
+        }
+
+        let caller = text_of(obj, "caller").unwrap_or_else(|| UNKNOWN.to_owned());
+        let recipient = text_of(obj, "recipient").unwrap_or_else(|| UNKNOWN.to_owned());
+        let acc = flows.entry((caller, recipient)).or_default();
+        acc.flow.entries += 1;
+        acc.flow.outcomes.add(outcome);
+        acc.span.see(time.as_ref());
+        if let Some(p) = text_of(obj, "policy") {
+            acc.policies.insert(p);
+        }
+        if let Some(b) = text_of(obj, "binding") {
+            acc.bindings.insert(b);
+        }
+        bump(
+            &mut acc.flow.directions,
+            text(obj, "direction").unwrap_or(UNKNOWN),
+            1,
+        );
+        if obj.get("enforced").and_then(Value::as_bool) == Some(false) {
+            acc.flow.not_enforced += 1;
+        }
+        if let Some(status) = text_of(obj, "status") {
+            bump(&mut acc.flow.statuses, &status, 1);
+        }
+        if outcome == "uninspectable" {
+            let detail = text_of(obj, "detail").unwrap_or_else(|| "(no detail given)".to_owned());
+            bump(&mut acc.flow.uninspectable, &detail, 1);
+        }
+        if let Some(cats) = obj.get("blocked_categories").and_then(Value::as_array) {
+            let cats: BTreeSet<&str> = cats.iter().filter_map(Value::as_str).collect();
+            for c in cats {
+                let cat = acc.categories.entry(c.to_owned()).or_default();
+                cat.sum.blocked_messages += 1;
+                cat.span.see(time.as_ref());
+            }
+        }
+
+        // Field decisions.
+        let mut from_fields: BTreeMap<String, usize> = BTreeMap::new();
+        let fields = obj.get("fields").and_then(Value::as_array);
+        for field in fields.into_iter().flatten() {
+            let Some(f) = field.as_object() else {
+                bad_fields += 1;
+                continue;
+            };
+            let action = text(f, "action").unwrap_or(UNKNOWN);
+            let allowed = action == "allow";
+            if allowed && !opts.include_allowed {
+                continue;
+            }
+            bump(&mut from_fields, action, 1);
+            let category = text_of(f, "category").unwrap_or_else(|| "(uncategorised)".to_owned());
+            let cat = acc.categories.entry(category).or_default();
+            cat.span.see(time.as_ref());
+            let s = &mut cat.sum;
+            s.decisions += 1;
+            bump(&mut s.actions, action, 1);
+            if let Some(r) = text_of(f, "reason") {
+                bump(&mut s.reasons, &r, 1);
+            }
+            if let Some(e) = text_of(f, "evidence") {
+                bump(&mut s.evidence, &e, 1);
+            }
+            let purpose = text_of(f, "purpose");
+            let basis = text_of(f, "basis");
+            if allowed {
+                bump(
+                    &mut s.allowed_bases,
+                    basis.as_deref().unwrap_or("(none)"),
+                    1,
+                );
+                if let Some(p) = purpose {
+                    bump(&mut s.allowed_purposes, &p, 1);
+                }
+            } else {
+                if let Some(p) = purpose {
+                    bump(&mut s.purposes, &p, 1);
+                }
+                if let Some(b) = basis {
+                    bump(&mut s.bases, &b, 1);
+                }
+            }
+            if let Some(subject) = text_of(f, "subject") {
+                cat.subjects.insert(subject.clone());
+                acc.subjects.insert(subject);
+            }
+        }
+
+        // Complete per-action counts, and what the entry left out.
+        let counts = obj.get("counts").and_then(Value::as_object);
+        let mut counted = 0usize;
+        match counts {
+            Some(counts) => {
+                for (action, n) in counts {
+                    let n = count_of(n).unwrap_or(0);
+                    counted += n;
+                    if action != "allow" || opts.include_allowed {
+                        bump(&mut acc.flow.action_totals, action, n);
+                    }
+                }
+            }
+            None => {
+                for (action, n) in &from_fields {
+                    bump(&mut acc.flow.action_totals, action, *n);
+                }
+            }
+        }
+        let mut omitted = obj.get("fields_omitted").and_then(count_of).unwrap_or(0);
+        if fields.is_none() && omitted == 0 {
+            // An entry without a field list but with counts: all of them are left out.
+            omitted = counted;
+        }
+        if omitted > 0 {
+            acc.flow.fields_omitted += omitted;
+            acc.flow.entries_with_omitted_fields += 1;
+        }
+    }
+
+    let mut out: Vec<Flow> = flows
+        .into_iter()
+        .map(|((caller, recipient), acc)| finish_flow(caller, recipient, acc))
+        .collect();
+    out.sort_by(|a, b| {
+        b.outcomes
+            .blocked
+            .cmp(&a.outcomes.blocked)
+            .then(b.outcomes.modified.cmp(&a.outcomes.modified))
+            .then(b.outcomes.uninspectable.cmp(&a.outcomes.uninspectable))
+            .then(b.entries.cmp(&a.entries))
+            .then_with(|| a.caller.cmp(&b.caller))
+            .then_with(|| a.recipient.cmp(&b.recipient))
+    });
+    report.partial = out.iter().any(|f| f.fields_omitted > 0);
+    report.flows = out;
+    (report.first_seen, report.last_seen) = span.into_pair();
+
+    // Notes for the reader.
+    if report.duplicates > 0 {
+        report.notes.push(format!(
+            "{} skipped as duplicates (same request_id, direction and time, e.g. from both Envoy's log and the access log)",
+            plural(report.duplicates, "entry", "entries")
+        ));
+    }
+    if !opts.include_allowed && report.totals.allowed > 0 {
+        report.notes.push(format!(
+            "{} counted in the totals but not listed; include allowed flows to see them and their legal bases",
+            plural(report.totals.allowed, "allowed entry is", "allowed entries are")
+        ));
+    }
+    if report.partial {
+        let (omitted, with): (usize, usize) = report.flows.iter().fold((0, 0), |(o, w), f| {
+            (o + f.fields_omitted, w + f.entries_with_omitted_fields)
+        });
+        report.notes.push(format!(
+            "field-level counts are partial: {} left out of {} to bound their size; per-action totals (from each entry's `counts`) are complete",
+            plural(omitted, "field decision was", "field decisions were"),
+            plural(with, "entry", "entries")
+        ));
+    }
+    if untimed > 0 {
+        report.notes.push(format!(
+            "{} no valid RFC 3339 time; first/last seen ignore them",
+            plural(untimed, "entry has", "entries have")
+        ));
+    }
+    if report.invalid_entries > 0 {
+        report.notes.push(format!(
+            "{} not JSON objects and ignored",
+            plural(report.invalid_entries, "value was", "values were")
+        ));
+    }
+    if bad_fields > 0 {
+        report.notes.push(format!(
+            "{} not JSON objects and ignored",
+            plural(bad_fields, "field decision was", "field decisions were")
+        ));
+    }
+    report
+}
+
+fn finish_flow(caller: String, recipient: String, acc: FlowAcc) -> Flow {
+    let mut flow = acc.flow;
+    flow.caller = caller;
+    flow.recipient = recipient;
+    flow.policies = acc.policies.into_iter().collect();
+    flow.bindings = acc.bindings.into_iter().collect();
+    flow.subjects = acc.subjects.len();
+    (flow.first_seen, flow.last_seen) = acc.span.into_pair();
+    let mut cats: Vec<CategorySummary> = acc
+        .categories
+        .into_iter()
+        .map(|(name, c)| {
+            let mut s = c.sum;
+            s.category = name;
+            s.subjects = c.subjects.len();
+            (s.first_seen, s.last_seen) = c.span.into_pair();
+            s
+        })
+        .collect();
+    cats.sort_by(|a, b| {
+        (b.changed() + b.blocked_messages)
+            .cmp(&(a.changed() + a.blocked_messages))
+            .then(b.decisions.cmp(&a.decisions))
+            .then_with(|| a.category.cmp(&b.category))
+    });
+    flow.categories = cats;
+    flow
+}
+
+/// Milliseconds since the Unix epoch of an RFC 3339 time
+/// (`2026-11-22T10:34:21.260Z`, `2026-11-22T11:34:21+01:00`).
+fn parse_time(s: &str) -> Option<i64> {
+    let b = s.trim().as_bytes();
+    let num = |from: usize, to: usize| -> Option<i64> {
+        let part = b.get(from..to)?;
+        if !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        Some(
+            part.iter()
+                .fold(0i64, |acc, d| acc * 10 + i64::from(d - b'0')),
+        )
+    };
+    let sep = |i: usize, ok: &[u8]| b.get(i).is_some_and(|c| ok.contains(c));
+    if !(sep(4, b"-") && sep(7, b"-") && sep(10, b"Tt ") && sep(13, b":") && sep(16, b":")) {
+        return None;
+    }
+    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut i = 19;
+    let mut millis = 0i64;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        for k in 0..3 {
+            let d = b.get(start + k).filter(|_| start + k < i);
+            millis = millis * 10 + d.map_or(0, |d| i64::from(d - b'0'));
+        }
+    }
+    let offset_minutes = match b.get(i..)? {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
+            let (h, m) = (num(i + 1, i + 3)?, num(i + 4, i + 6)?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let off = h * 60 + m;
+            if *sign == b'-' {
+                -off
+            } else {
+                off
+            }
+        }
+        _ => return None,
+    };
+    // Days from the civil date (proleptic Gregorian), epoch 1970-01-01.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_minutes * 60;
+    Some(secs * 1000 + millis)
+}
+
+// ---------------------------------------------------------------------------------------
+// Text
+// ---------------------------------------------------------------------------------------
+
+struct Paint {
+    color: bool,
+}
+
+impl Paint {
+    fn paint(&self, s: &str, style: Style) -> String {
+        if self.color {
+            format!("{}{s}{}", style.render(), style.render_reset())
+        } else {
+            s.to_owned()
+        }
+    }
+
+    fn bold(&self, s: &str) -> String {
+        self.paint(s, Style::new().bold())
+    }
+
+    fn dim(&self, s: &str) -> String {
+        self.paint(s, Style::new().dimmed())
+    }
+
+    /// `label n`, coloured by outcome when n > 0.
+    fn outcome(&self, label: &str, n: usize) -> String {
+        let color = match label {
+            "blocked" => AnsiColor::Red,
+            "modified" => AnsiColor::Yellow,
+            "uninspectable" => AnsiColor::Magenta,
+            "allowed" => AnsiColor::Green,
+            _ => AnsiColor::White,
+        };
+        let s = format!("{label} {n}");
+        if n == 0 {
+            self.dim(&s)
+        } else {
+            self.paint(&s, color.on_default().bold())
+        }
+    }
+}
+
+/// A name from the logs, safe for a terminal: control characters escaped, long names cut.
+fn clean(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i >= MAX_TEXT {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `strip 10, hash 2`: most frequent first.
+fn counts_text(map: &BTreeMap<String, usize>) -> String {
+    if map.is_empty() {
+        return "-".to_owned();
+    }
+    let mut items: Vec<(&String, &usize)> = map.iter().collect();
+    items.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    items
+        .iter()
+        .map(|(k, n)| format!("{} {n}", clean(k)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+fn seen_text(first: &Option<String>, last: &Option<String>) -> String {
+    match (first, last) {
+        (Some(f), Some(l)) if f == l => format!("seen {}", clean(f)),
+        (Some(f), Some(l)) => format!("first {}  last {}", clean(f), clean(l)),
+        _ => "time unknown".to_owned(),
+    }
+}
+
+/// The report as a table for people; no colour codes unless `color`.
+pub fn render_text(r: &Report, color: bool) -> String {
+    let p = Paint { color };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}",
+        p.bold(&format!(
+            "consentry report: {}, {}",
+            plural(r.entries, "decision entry", "decision entries"),
+            match (&r.first_seen, &r.last_seen) {
+                (Some(f), Some(l)) => format!("{} to {}", clean(f), clean(l)),
+                _ => "no valid times".to_owned(),
+            }
+        ))
+    );
+    let t = &r.totals;
+    let mut outcomes = vec![
+        p.outcome("blocked", t.blocked),
+        p.outcome("modified", t.modified),
+        p.outcome("uninspectable", t.uninspectable),
+        p.outcome("allowed", t.allowed),
+    ];
+    outcomes.extend(t.other.iter().map(|(k, n)| format!("{} {n}", clean(k))));
+    let _ = writeln!(out, "outcomes: {}", outcomes.join("  "));
+    for note in &r.notes {
+        let _ = writeln!(out, "{}", p.dim(&format!("note: {note}")));
+    }
+    if r.flows.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{}",
+            if r.include_allowed {
+                "No flows."
+            } else {
+                "No blocked, modified or uninspectable flows."
+            }
+        );
+        return out;
+    }
+    for (i, flow) in r.flows.iter().enumerate() {
+        out.push('\n');
+        render_flow(&mut out, &p, i + 1, flow, r.include_allowed);
+    }
+    out
+}
+
+fn render_flow(out: &mut String, p: &Paint, index: usize, flow: &Flow, include_allowed: bool) {
+    let _ = writeln!(
+        out,
+        "{}",
+        p.bold(&format!(
+            "[{index}] {} → {}",
+            clean(&flow.caller),
+            clean(&flow.recipient)
+        ))
+    );
+    let o = &flow.outcomes;
+    let mut counts = vec![
+        p.outcome("blocked", o.blocked),
+        p.outcome("modified", o.modified),
+        p.outcome("uninspectable", o.uninspectable),
+    ];
+    if include_allowed {
+        counts.push(p.outcome("allowed", o.allowed));
+    }
+    counts.extend(o.other.iter().map(|(k, n)| format!("{} {n}", clean(k))));
+    let _ = writeln!(
+        out,
+        "    {}   {}",
+        counts.join("  "),
+        seen_text(&flow.first_seen, &flow.last_seen)
+    );
+
+    let mut facts = Vec::new();
+    if !flow.policies.is_empty() {
+        let names: Vec<String> = flow.policies.iter().map(|s| clean(s)).collect();
+        facts.push(format!(
+            "{} {}",
+            if names.len() == 1 {
+                "policy"
+            } else {
+                "policies"
+            },
+            names.join(", ")
+        ));
+    }
+    if !flow.bindings.is_empty() {
+        let names: Vec<String> = flow.bindings.iter().map(|s| clean(s)).collect();
+        facts.push(format!("binding {}", names.join(", ")));
+    }
+    facts.push(counts_text(&flow.directions));
+    facts.push(plural(flow.subjects, "subject", "subjects"));
+    if flow.not_enforced > 0 {
+        facts.push(format!(
+            "{} not enforced (audit mode or fail: open)",
+            plural(flow.not_enforced, "entry", "entries")
+        ));
+    }
+    if !flow.statuses.is_empty() {
+        let statuses: Vec<String> = flow
+            .statuses
+            .iter()
+            .map(|(s, n)| format!("{} ×{n}", clean(s)))
+            .collect();
+        facts.push(format!("refused with status {}", statuses.join(", ")));
+    }
+    let _ = writeln!(out, "    {}", facts.join(" · "));
+
+    if !flow.categories.is_empty() {
+        let mut header = vec![
+            "CATEGORY", "FIELDS", "ACTIONS", "REASONS", "SUBJECTS", "PURPOSES", "BASES",
+        ];
+        if include_allowed {
+            header.push("ALLOWED BY");
+        }
+        header.push("BLOCKED MSGS");
+        let mut rows: Vec<Vec<String>> = Vec::new();
+        for c in &flow.categories {
+            let mut row = vec![
+                clean(&c.category),
+                c.decisions.to_string(),
+                counts_text(&c.actions),
+                counts_text(&c.reasons),
+                c.subjects.to_string(),
+                counts_text(&c.purposes),
+                counts_text(&c.bases),
+            ];
+            if include_allowed {
+                row.push(counts_text(&c.allowed_bases));
+            }
+            row.push(c.blocked_messages.to_string());
+            rows.push(row);
+        }
+        let widths: Vec<usize> = (0..header.len())
+            .map(|i| {
+                rows.iter()
+                    .filter_map(|r| r.get(i))
+                    .map(|c| c.chars().count())
+                    .chain(header.get(i).map(|h| h.chars().count()))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |cells: Vec<String>| -> String {
+            let last = cells.len().saturating_sub(1);
+            let mut s = String::from("    ");
+            for (i, cell) in cells.into_iter().enumerate() {
+                if i == last {
+                    s.push_str(&cell);
+                } else {
+                    let w = widths.get(i).copied().unwrap_or(0);
+                    let pad = w.saturating_sub(cell.chars().count());
+                    s.push_str(&cell);
+                    s.push_str(&" ".repeat(pad + 2));
+                }
+            }
+            s.trim_end().to_owned()
+        };
+        let head = line(header.iter().map(|h| (*h).to_owned()).collect());
+        let _ = writeln!(out, "{}", p.dim(&head));
+        for row in rows {
+            let _ = writeln!(out, "{}", line(row));
+        }
+    }
+
+    if !flow.uninspectable.is_empty() {
+        let _ = writeln!(out, "    uninspectable:");
+        let mut details: Vec<(&String, &usize)> = flow.uninspectable.iter().collect();
+        details.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+        for (detail, n) in details.iter().take(MAX_DETAILS) {
+            let _ = writeln!(out, "      {n:>5} × {}", clean(detail));
+        }
+        if details.len() > MAX_DETAILS {
+            let rest: usize = details.iter().skip(MAX_DETAILS).map(|(_, n)| **n).sum();
+            let _ = writeln!(
+                out,
+                "      {rest:>5} × ({} other reasons)",
+                details.len() - MAX_DETAILS
+            );
+        }
+    }
+
+    if flow.fields_omitted > 0 {
+        let _ = writeln!(
+            out,
+            "    {}",
+            p.paint(
+                &format!(
+                    "partial: {} left out of {}; complete per-action totals: {}",
+                    plural(flow.fields_omitted, "field decision", "field decisions"),
+                    plural(flow.entries_with_omitted_fields, "entry", "entries"),
+                    counts_text(&flow.action_totals)
+                ),
+                AnsiColor::Yellow.on_default()
+            )
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn read(input: &str) -> (Vec<Value>, Vec<String>) {
+        read_from(input.as_bytes()).unwrap()
+    }
+
+    fn entry(rid: &str, time: &str, caller: &str, recipient: &str, outcome: &str) -> Value {
+        json!({
+            "time": time, "request_id": rid, "policy": "acme", "caller": caller,
+            "recipient": recipient, "direction": "request", "mode": "enforce",
+            "outcome": outcome, "enforced": true, "fields": [], "counts": {}
+        })
+    }
+
+    fn field(category: &str, action: &str, reason: Option<&str>, subject: &str) -> Value {
+        let mut f = json!({
+            "path": "$.customer.x", "category": category, "action": action,
+            "purpose": "marketing.email", "basis": "consent", "evidence": "none",
+            "subject": subject
+        });
+        if let Some(r) = reason {
+            f["reason"] = json!(r);
+        }
+        f
+    }
+
+    fn envoy_line(e: &Value) -> String {
+        format!(
+            "[2026-11-22 10:34:21.260][6348][warning][wasm] [source/extensions/common/wasm/context.cc:1154] wasm log consentry consentry: consentry.decision {e}"
+        )
+    }
+
+    fn access_line(entries: &[Value]) -> String {
+        let arr = serde_json::to_string(entries).unwrap();
+        json!({
+            "time": "2026-11-22T10:34:21.000Z", "request_id": "r", "method": "POST",
+            "caller": "checkout", "response_code": "403", "consentry_decision": arr
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn reads_envoy_log_lines_and_ignores_others() {
+        let e = entry(
+            "r1",
+            "2026-11-22T10:34:21.260Z",
+            "checkout",
+            "mailer",
+            "blocked",
+        );
+        let input = format!(
+            "[2026-11-22 10:34:20.000][1][info][main] starting main dispatch loop\n{}\n\n",
+            envoy_line(&e)
+        );
+        let (entries, warnings) = read(&input);
+        assert_eq!(entries, vec![e]);
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn reads_access_log_lines() {
+        let a = entry(
+            "r1",
+            "2026-11-22T10:34:21.260Z",
+            "checkout",
+            "mailer",
+            "modified",
+        );
+        let mut b = a.clone();
+        b["direction"] = json!("response");
+        let none_dash = json!({"request_id": "r2", "consentry_decision": "-"}).to_string();
+        let none_empty = json!({"request_id": "r3", "consentry_decision": ""}).to_string();
+        let input = format!(
+            "{}\n{none_dash}\n{none_empty}\n",
+            access_line(&[a.clone(), b.clone()])
+        );
+        let (entries, warnings) = read(&input);
+        assert_eq!(entries, vec![a, b]);
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn reads_plain_json_lines_and_nested_forms() {
+        let a = entry("r1", "2026-11-22T10:00:00.000Z", "a", "b", "blocked");
+        let b = entry("r2", "2026-11-22T10:00:01.000Z", "a", "b", "allowed");
+        // A replay result holding entries, and a log shipper's wrapper of an Envoy line.
+        let replay = json!({"source": "x.json", "request": {"fate": "replied", "decision": b}});
+        let shipped = json!({"log": envoy_line(&a) + "\n", "stream": "stderr"});
+        let input = format!("{a}\r\n{b}\n{replay}\n{shipped}\n");
+        let (entries, warnings) = read(&input);
+        assert_eq!(entries, vec![a.clone(), b.clone(), b, a]);
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn bad_lines_become_warnings() {
+        let good = entry("r1", "2026-11-22T10:00:00.000Z", "a", "b", "blocked");
+        let input = [
+            "wasm log consentry consentry: consentry.decision {\"time\": \"2026-11-22T1".to_owned(),
+            "{this is not json".to_owned(),
+            json!({"consentry_decision": "[{\"outcome\": "}).to_string(),
+            json!({"consentry_decision": "[42]"}).to_string(),
+            json!({"consentry_decision": 7}).to_string(),
+            "x consentry.decision".to_owned(),
+            "x consentry.decision {\"hello\": 1}".to_owned(),
+            "x consentry.decision_total 5".to_owned(),
+            "\u{0}\u{1}garbage \u{fffd}".to_owned(),
+            good.to_string(),
+        ]
+        .join("\n");
+        let mut bytes = input.into_bytes();
+        bytes.extend_from_slice(b"\n\xff\xfe{ not utf8\n");
+        let (entries, warnings) = read_from(&bytes[..]).unwrap();
+        assert_eq!(entries, vec![good]);
+        assert_eq!(warnings.len(), 7, "{warnings:#?}");
+        assert!(warnings[0].starts_with("line 1: not JSON after consentry.decision"));
+        assert!(warnings[1].starts_with("line 2: not valid JSON"));
+        assert!(warnings[2].starts_with("line 3: consentry_decision is not JSON"));
+        assert!(warnings[3].starts_with("line 4: consentry_decision item 1"));
+        assert!(warnings[4].starts_with("line 5: consentry_decision is neither"));
+        assert!(warnings[5].starts_with("line 6: nothing after consentry.decision"));
+        assert!(warnings[6].starts_with("line 7: the JSON after consentry.decision"));
+    }
+
+    #[test]
+    fn warnings_are_bounded_and_empty_input_is_explained() {
+        let input = "{bad\n".repeat(MAX_WARNINGS + 5);
+        let (_, warnings) = read(&input);
+        assert_eq!(warnings.len(), MAX_WARNINGS + 1);
+        assert_eq!(warnings[MAX_WARNINGS], "5 more lines skipped with warnings");
+
+        let (entries, warnings) = read("just some log\nand another\n");
+        assert!(entries.is_empty());
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("no decision entries found: 2 lines"));
+    }
+
+    #[test]
+    fn reads_files_and_refuses_gzip() {
+        let dir = std::env::temp_dir().join(format!("consentry-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let plain = dir.join("decisions.log");
+        let e = entry("r1", "2026-11-22T10:00:00.000Z", "a", "b", "blocked");
+        std::fs::write(&plain, format!("{e}\n")).unwrap();
+        let (entries, warnings) = read_entries(&plain).unwrap();
+        assert_eq!(entries, vec![e]);
+        assert!(warnings.is_empty());
+
+        let gz = dir.join("decisions.log.gz");
+        std::fs::write(&gz, [0x1f, 0x8b, 8, 0, 0, 0]).unwrap();
+        let err = format!("{:#}", read_entries(&gz).unwrap_err());
+        assert!(err.contains("gzip"), "{err}");
+        let missing = format!("{:#}", read_entries(&dir.join("nope")).unwrap_err());
+        assert!(missing.contains("cannot open decision log"), "{missing}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn groups_by_caller_recipient_and_category() {
+        let mut a1 = entry(
+            "r1",
+            "2026-11-22T10:00:00.000Z",
+            "checkout",
+            "mailer",
+            "modified",
+        );
+        a1["fields"] = json!([
+            field("email", "strip", Some("no_consent"), "s1:aaa"),
+            field("email", "strip", Some("no_consent"), "s1:bbb"),
+            field("email", "allow", None, "s1:ccc"),
+            field("phone", "mask", Some("no_purpose"), "s1:aaa"),
+        ]);
+        a1["counts"] = json!({"strip": 2, "mask": 1, "allow": 1});
+        let mut a2 = entry(
+            "r2",
+            "2026-11-22T10:05:00.000Z",
+            "checkout",
+            "mailer",
+            "blocked",
+        );
+        a2["fields"] = json!([field("health", "block", Some("undeclared"), "s1:aaa")]);
+        a2["blocked_categories"] = json!(["health"]);
+        a2["status"] = json!(403);
+        a2["counts"] = json!({"block": 1});
+        let mut b1 = entry(
+            "r3",
+            "2026-11-22T10:01:00.000Z",
+            "crm",
+            "analytics",
+            "modified",
+        );
+        b1["fields"] = json!([field("email", "hash", Some("no_purpose"), "s1:aaa")]);
+        let c1 = entry(
+            "r4",
+            "2026-11-22T10:02:00.000Z",
+            "crm",
+            "billing",
+            "allowed",
+        );
+        let mut u1 = entry(
+            "r5",
+            "2026-11-22T10:03:00.000Z",
+            "crm",
+            "analytics",
+            "uninspectable",
+        );
+        u1["detail"] = json!("body is not valid JSON");
+        u1["enforced"] = json!(false);
+
+        let r = build(&[a1, a2, b1, c1, u1], &ReportOptions::default());
+        assert_eq!(r.entries, 5);
+        assert_eq!(
+            (
+                r.totals.blocked,
+                r.totals.modified,
+                r.totals.uninspectable,
+                r.totals.allowed
+            ),
+            (1, 2, 1, 1)
+        );
+        // The allowed-only flow is not listed; the most blocked flow comes first.
+        assert_eq!(r.flows.len(), 2);
+        let f = &r.flows[0];
+        assert_eq!(
+            (f.caller.as_str(), f.recipient.as_str()),
+            ("checkout", "mailer")
+        );
+        assert_eq!(
+            (f.outcomes.blocked, f.outcomes.modified, f.entries),
+            (1, 1, 2)
+        );
+        assert_eq!(f.subjects, 2);
+        assert_eq!(f.policies, vec!["acme"]);
+        assert_eq!(f.statuses.get("403"), Some(&1));
+        assert_eq!(f.action_totals.get("allow"), None);
+        assert_eq!(f.action_totals.get("strip"), Some(&2));
+        let names: Vec<&str> = f.categories.iter().map(|c| c.category.as_str()).collect();
+        assert_eq!(names, vec!["email", "health", "phone"]);
+        let email = &f.categories[0];
+        assert_eq!(email.decisions, 2);
+        assert_eq!(email.actions.get("strip"), Some(&2));
+        assert_eq!(email.actions.get("allow"), None);
+        assert_eq!(email.reasons.get("no_consent"), Some(&2));
+        assert_eq!(email.subjects, 2);
+        assert_eq!(email.purposes.get("marketing.email"), Some(&2));
+        assert_eq!(email.bases.get("consent"), Some(&2));
+        assert_eq!(email.evidence.get("none"), Some(&2));
+        let health = &f.categories[1];
+        assert_eq!((health.blocked_messages, health.decisions), (1, 1));
+        assert_eq!(health.reasons.get("undeclared"), Some(&1));
+
+        let g = &r.flows[1];
+        assert_eq!(
+            (g.caller.as_str(), g.recipient.as_str()),
+            ("crm", "analytics")
+        );
+        assert_eq!((g.outcomes.modified, g.outcomes.uninspectable), (1, 1));
+        assert_eq!(g.uninspectable.get("body is not valid JSON"), Some(&1));
+        assert_eq!(g.not_enforced, 1);
+        assert!(r
+            .notes
+            .iter()
+            .any(|n| n.contains("1 allowed entry is counted")));
+
+        let text = render_text(&r, false);
+        assert!(text.contains("[1] checkout → mailer"), "{text}");
+        assert!(text.contains("[2] crm → analytics"), "{text}");
+        assert!(text.contains("body is not valid JSON"), "{text}");
+        assert!(text.contains("strip 2"), "{text}");
+        assert!(
+            !text.contains("s1:"),
+            "pseudonyms must not be printed:\n{text}"
+        );
+        assert!(!text.contains('\u{1b}'), "{text}");
+        let colored = render_text(&r, true);
+        assert!(colored.contains('\u{1b}'));
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains("s1:"), "{json}");
+    }
+
+    #[test]
+    fn first_and_last_seen_follow_instants_not_input_order() {
+        let times = [
+            "2026-11-22T10:30:00.500Z",
+            "2026-11-22T09:00:00Z",
+            // 10:45 UTC, written with an offset: the latest instant.
+            "2026-11-22T11:45:00.000+01:00",
+            "2026-11-22T10:40:00.123456Z",
+            "not a time",
+        ];
+        let entries: Vec<Value> = times
+            .iter()
+            .enumerate()
+            .map(|(i, t)| entry(&format!("r{i}"), t, "a", "b", "blocked"))
+            .collect();
+        let r = build(&entries, &ReportOptions::default());
+        let f = &r.flows[0];
+        assert_eq!(f.first_seen.as_deref(), Some("2026-11-22T09:00:00Z"));
+        assert_eq!(
+            f.last_seen.as_deref(),
+            Some("2026-11-22T11:45:00.000+01:00")
+        );
+        assert_eq!(r.first_seen, f.first_seen);
+        assert_eq!(r.last_seen, f.last_seen);
+        assert!(r.notes.iter().any(|n| n.contains("1 entry has no valid")));
+    }
+
+    #[test]
+    fn parses_rfc3339() {
+        assert_eq!(parse_time("1970-01-01T00:00:00.000Z"), Some(0));
+        assert_eq!(
+            parse_time("2026-11-22T10:34:21.260Z"),
+            Some(1_795_343_661_260)
+        );
+        assert_eq!(parse_time("2000-02-29T00:00:00Z"), Some(951_782_400_000));
+        assert_eq!(
+            parse_time("2000-02-29T01:00:00+01:00"),
+            Some(951_782_400_000)
+        );
+        assert_eq!(parse_time("1969-12-31T23:59:59.9Z"), Some(-100));
+        for bad in [
+            "",
+            "2026-11-22",
+            "2026-13-01T00:00:00Z",
+            "2026-11-22T10:34:21",
+            "2026-11-22T10:34:21.Z",
+            "２026-11-22T10:34:21Z",
+        ] {
+            assert_eq!(parse_time(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn duplicates_from_both_logs_count_once() {
+        let mut e = entry("r1", "2026-11-22T10:00:00.000Z", "a", "b", "blocked");
+        e["fields"] = json!([field("email", "block", Some("no_purpose"), "s1:x")]);
+        e["blocked_categories"] = json!(["email"]);
+        let mut resp = e.clone();
+        resp["direction"] = json!("response");
+        let input = format!("{}\n{}\n", envoy_line(&e), access_line(&[e.clone(), resp]));
+        let (entries, _) = read(&input);
+        assert_eq!(entries.len(), 3);
+        // Without a request id, identical entries are not assumed to be the same message.
+        let mut anon = entry("", "2026-11-22T10:00:00.000Z", "a", "b", "blocked");
+        anon.as_object_mut().unwrap().remove("request_id");
+        let mut all = entries;
+        all.push(anon.clone());
+        all.push(anon);
+        let r = build(&all, &ReportOptions::default());
+        assert_eq!(r.duplicates, 1);
+        assert_eq!(r.entries, 4);
+        assert_eq!(r.totals.blocked, 4);
+        let f = &r.flows[0];
+        assert_eq!(f.directions.get("request"), Some(&3));
+        assert_eq!(f.directions.get("response"), Some(&1));
+        assert_eq!(f.categories[0].decisions, 2);
+        assert!(r
+            .notes
+            .iter()
+            .any(|n| n.contains("1 entry skipped as duplicates")));
+    }
+
+    #[test]
+    fn omitted_fields_make_counts_partial() {
+        let mut e = entry("r1", "2026-11-22T10:00:00.000Z", "a", "b", "modified");
+        e["fields"] = json!([field("email", "strip", Some("no_purpose"), "s1:x")]);
+        e["fields_omitted"] = json!(299);
+        e["counts"] = json!({"strip": 250, "allow": 50});
+        let r = build(&[e], &ReportOptions::default());
+        assert!(r.partial);
+        let f = &r.flows[0];
+        assert_eq!((f.fields_omitted, f.entries_with_omitted_fields), (299, 1));
+        assert_eq!(f.action_totals.get("strip"), Some(&250));
+        assert_eq!(f.categories[0].decisions, 1);
+        assert!(r
+            .notes
+            .iter()
+            .any(|n| n.contains("field-level counts are partial")));
+        let text = render_text(&r, false);
+        assert!(
+            text.contains("partial: 299 field decisions left out of 1 entry"),
+            "{text}"
+        );
+        assert!(text.contains("strip 250"), "{text}");
+    }
+
+    #[test]
+    fn allowed_flows_show_their_legal_basis() {
+        let mut e = entry(
+            "r1",
+            "2026-11-22T10:00:00.000Z",
+            "crm",
+            "billing",
+            "allowed",
+        );
+        let mut contract = field("address", "allow", None, "s1:x");
+        contract["basis"] = json!("contract");
+        contract["purpose"] = json!("billing.invoice");
+        let mut no_basis = field("address", "allow", None, "s1:y");
+        no_basis.as_object_mut().unwrap().remove("basis");
+        e["fields"] = json!([contract, no_basis, field("email", "allow", None, "s1:x")]);
+        e["counts"] = json!({"allow": 3});
+        let r = build(
+            &[e.clone()],
+            &ReportOptions {
+                include_allowed: true,
+            },
+        );
+        assert_eq!(r.flows.len(), 1);
+        let f = &r.flows[0];
+        assert_eq!(f.outcomes.allowed, 1);
+        assert_eq!(f.action_totals.get("allow"), Some(&3));
+        let address = f
+            .categories
+            .iter()
+            .find(|c| c.category == "address")
+            .unwrap();
+        assert_eq!(address.allowed_bases.get("contract"), Some(&1));
+        assert_eq!(address.allowed_bases.get("(none)"), Some(&1));
+        assert_eq!(address.allowed_purposes.get("billing.invoice"), Some(&1));
+        assert!(address.bases.is_empty());
+        let text = render_text(&r, false);
+        assert!(text.contains("ALLOWED BY"), "{text}");
+        assert!(text.contains("contract 1"), "{text}");
+
+        let hidden = build(&[e], &ReportOptions::default());
+        assert!(hidden.flows.is_empty());
+        assert!(
+            render_text(&hidden, false).contains("No blocked, modified or uninspectable flows.")
+        );
+    }
+
+    #[test]
+    fn tolerates_missing_and_mistyped_keys() {
+        let weird = vec![
+            json!({"outcome": "blocked", "caller": 5, "fields": "nope", "counts": [1], "time": 7}),
+            json!({"outcome": "quarantined", "recipient": "x", "fields": [1, {"action": "strip"}], "fields_omitted": "3"}),
+            json!({"outcome": "modified", "policy": "p", "counts": {"strip": "2", "hash": -1}}),
+            json!("not an object"),
+            json!(null),
+        ];
+        let r = build(&weird, &ReportOptions::default());
+        assert_eq!(r.entries, 3);
+        assert_eq!(r.invalid_entries, 2);
+        assert_eq!(r.totals.other.get("quarantined"), Some(&1));
+        assert_eq!(r.totals.total(), 3);
+        let unknown = r.flows.iter().find(|f| f.caller == "5").unwrap();
+        assert_eq!(unknown.recipient, UNKNOWN);
+        let q = r.flows.iter().find(|f| f.recipient == "x").unwrap();
+        assert_eq!(q.categories[0].category, "(uncategorised)");
+        assert_eq!(q.fields_omitted, 3);
+        let p = r.flows.iter().find(|f| f.policies == ["p"]).unwrap();
+        assert_eq!(p.action_totals.get("strip"), Some(&2));
+        assert_eq!(
+            p.fields_omitted, 2,
+            "no field list: everything counted was left out"
+        );
+        let text = render_text(&r, false);
+        assert!(text.contains("quarantined 1"), "{text}");
+        assert!(serde_json::to_string(&r).is_ok());
+        let empty = build(&[], &ReportOptions::default());
+        assert!(render_text(&empty, true).contains("no valid times"));
+    }
+
+    #[test]
+    fn names_from_logs_cannot_drive_the_terminal() {
+        let e = entry(
+            "r1",
+            "2026-11-22T10:00:00.000Z",
+            "evil\u{1b}[2J",
+            &"x".repeat(500),
+            "blocked",
+        );
+        let text = render_text(&build(&[e], &ReportOptions::default()), false);
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(text.contains("evil\\u{1b}[2J"), "{text}");
+        assert!(text.contains('…'));
+    }
+}
