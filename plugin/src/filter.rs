@@ -435,6 +435,13 @@ impl Stream {
             let method = first(&headers, ":method").unwrap_or("");
             let path = first(&headers, ":path").unwrap_or("");
             self.ex = Some(policy.exchange(request_id, method, path, caller, upstream, &headers));
+            // The consent header is a message from the gateway to this filter: it names
+            // subjects, and the upstream has no purpose for it, trusted or not.
+            if let Some(name) = policy.consent_header() {
+                if self.enforcing() && first(&headers, name).is_some() {
+                    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+                }
+            }
         }
         let Some(ex) = self.ex.clone() else {
             return Action::Continue;

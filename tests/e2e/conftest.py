@@ -40,15 +40,30 @@ def start_stack(**kwargs) -> ce.Stack:
 
 
 @pytest.fixture(scope="session")
-def make_stack():
-    """Start another stack (e.g. with a different policy); the caller stops it."""
-    return start_stack
+def pki(tmp_path_factory) -> ce.TestPKI:
+    """The test CA, Envoy's server certificate and the client certificates (SPIFFE ids in
+    ce.TEST_CLIENTS), made once per session with the openssl command line."""
+    try:
+        return ce.TestPKI.generate(tmp_path_factory.mktemp("tls"))
+    except ce.EnvError as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 @pytest.fixture(scope="session")
-def stack():
-    """Services + Envoy with consentry and policies/acme-customers.json, for the session."""
-    s = start_stack()
+def make_stack(pki):
+    """Start another stack (e.g. with a different policy); the caller stops it."""
+    def make(**kwargs) -> ce.Stack:
+        kwargs.setdefault("pki", pki)
+        return start_stack(**kwargs)
+    return make
+
+
+@pytest.fixture(scope="session")
+def stack(pki):
+    """Services + Envoy with consentry and policies/acme-customers.json, for the session.
+    Plain HTTP on stack.listener_port, mTLS (client certificates from `pki`) on
+    stack.mtls_port."""
+    s = start_stack(pki=pki)
     try:
         yield s
     finally:

@@ -5,7 +5,7 @@ demo services, talk to them, read decision logs, access logs and stats.
 Python stdlib only. Imported by the end-to-end tests (tests/e2e) and by scripts/demo;
 also a small command line::
 
-    python3 tests/e2e/consentry_env.py render --out envoy.yaml [--passthrough]
+    python3 tests/e2e/consentry_env.py render --out envoy.yaml [--passthrough] [--tls-dir D]
     python3 tests/e2e/consentry_env.py up            # services + Envoy until Ctrl-C
 
 Where things come from (each can be overridden by an environment variable):
@@ -14,6 +14,7 @@ Where things come from (each can be overridden by an environment variable):
     .wasm          $CONSENTRY_WASM,  else <repo>/target/wasm32-wasip1/release/consentry.wasm
     policy         $CONSENTRY_POLICY, else <repo>/policies/acme-customers.json
     run directory  a fresh directory under <repo>/.run/ (gitignored)
+    openssl        $CONSENTRY_OPENSSL, else `openssl` on PATH (test CA for the mTLS listener)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import signal
 import socket
 import string
 import subprocess
+import ssl
 import sys
 import tempfile
 import time
@@ -118,24 +120,149 @@ def random_key(n: int = 32) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# Test PKI for the mTLS listener
+# --------------------------------------------------------------------------------------
+
+# Client certificates the test CA issues: name -> SPIFFE id (the URI SAN). The first three
+# are principals of the example policy; `stranger` is a SPIFFE id no policy knows.
+TEST_CLIENTS = {
+    "marketing-email": "spiffe://acme.internal/ns/marketing/sa/mailer",
+    "analytics": "spiffe://acme.internal/ns/data/sa/analytics",
+    "gateway": "spiffe://acme.internal/ns/edge/sa/gateway",
+    "stranger": "spiffe://acme.internal/ns/elsewhere/sa/stranger",
+}
+# The server certificate covers every service host, so a client can send the service's
+# host as SNI and check the certificate against it.
+TLS_SERVER_NAMES = ("*.acme.internal", "localhost")
+# A client certificate from a CA that Envoy does not trust.
+ROGUE_CLIENT = "rogue"
+
+
+def find_openssl() -> str:
+    p = os.environ.get("CONSENTRY_OPENSSL") or shutil.which("openssl")
+    if not p:
+        raise EnvError("no openssl binary (needed for the test CA of the mTLS listener): "
+                       "install it (Debian: apt-get install -y openssl) or set $CONSENTRY_OPENSSL")
+    return p
+
+
+@dataclass
+class TestPKI:
+    """A throw-away CA, a server certificate for Envoy, and client certificates whose URI
+    SAN is a SPIFFE id (TEST_CLIENTS), made with the openssl command line in `dir`."""
+
+    __test__ = False  # not a pytest test class
+
+    dir: Path
+    clients: dict = field(default_factory=lambda: dict(TEST_CLIENTS))
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.dir / "ca.crt"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.dir / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.dir / "server.key"
+
+    def client_cert(self, name: str) -> tuple[Path, Path]:
+        return self.dir / f"client-{name}.crt", self.dir / f"client-{name}.key"
+
+    def bootstrap_files(self) -> dict:
+        """The files render_bootstrap needs for the mTLS listener."""
+        return {"ca_cert": self.ca_cert, "server_cert": self.server_cert,
+                "server_key": self.server_key}
+
+    @classmethod
+    def generate(cls, directory: str | Path, days: int = 2) -> "TestPKI":
+        pki = cls(Path(directory))
+        pki.dir.mkdir(parents=True, exist_ok=True)
+        openssl = find_openssl()
+
+        def run(*args):
+            p = subprocess.run([openssl, *map(str, args)], capture_output=True, text=True,
+                               timeout=60, stdin=subprocess.DEVNULL, cwd=str(pki.dir))
+            if p.returncode != 0:
+                raise EnvError(f"openssl {' '.join(map(str, args[:2]))} failed "
+                               f"({p.returncode}):\n{p.stderr.strip()}")
+
+        ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+
+        def ca(stem: str, cn: str):
+            run("req", "-x509", *ec, "-keyout", f"{stem}.key", "-out", f"{stem}.crt",
+                "-subj", f"/O=consentry e2e/CN={cn}", "-days", days,
+                "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+
+        def leaf(stem: str, cn: str, ca_stem: str, usage: str, san: str):
+            (pki.dir / f"{stem}.ext").write_text(
+                "basicConstraints=critical,CA:FALSE\n"
+                "keyUsage=critical,digitalSignature\n"
+                f"extendedKeyUsage={usage}\n"
+                f"subjectAltName={san}\n")
+            run("req", "-new", *ec, "-keyout", f"{stem}.key", "-out", f"{stem}.csr",
+                "-subj", f"/O=consentry e2e/CN={cn}")
+            run("x509", "-req", "-in", f"{stem}.csr", "-CA", f"{ca_stem}.crt",
+                "-CAkey", f"{ca_stem}.key", "-set_serial", "0x" + secrets.token_hex(8),
+                "-days", days, "-extfile", f"{stem}.ext", "-out", f"{stem}.crt")
+
+        ca("ca", "consentry e2e test CA")
+        leaf("server", "envoy", "ca", "serverAuth",
+             ",".join(["DNS:" + n for n in TLS_SERVER_NAMES] + ["IP:127.0.0.1"]))
+        for name, spiffe in pki.clients.items():
+            leaf(f"client-{name}", name, "ca", "clientAuth", "URI:" + spiffe)
+        ca("rogue-ca", "not the consentry e2e CA")
+        leaf(f"client-{ROGUE_CLIENT}", ROGUE_CLIENT, "rogue-ca", "clientAuth",
+             "URI:" + TEST_CLIENTS["gateway"])
+        return pki
+
+    def client_context(self, name: str | None) -> ssl.SSLContext:
+        """A client TLS context that trusts the test CA and presents `name`'s certificate
+        (a key of `clients`, or ROGUE_CLIENT); None presents no certificate."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_cert))
+        if name is not None:
+            cert, key = self.client_cert(name)
+            if not cert.is_file():
+                raise ValueError(f"the test CA has no client {name!r}; "
+                                 f"known: {sorted(self.clients) + [ROGUE_CLIENT]}")
+            ctx.load_cert_chain(str(cert), str(key))
+        return ctx
+
+
+# --------------------------------------------------------------------------------------
 # Rendering the bootstrap
 # --------------------------------------------------------------------------------------
 
 _WASM_BLOCK = re.compile(r"^[ \t]*# BEGIN consentry\n.*?^[ \t]*# END consentry\n",
                          re.M | re.S)
+_MTLS_BLOCK = re.compile(r"^[ \t]*# BEGIN mtls\n.*?^[ \t]*# END mtls\n", re.M | re.S)
 
 
 def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
                      access_log_path: str | Path, wasm: bool = True,
                      wasm_path: str | Path | None = None, policy_text: str | None = None,
                      hash_key: str | None = None, subject_key: str | None = None,
+                     mtls_port: int | None = None, tls_files: dict | None = None,
                      template: str | Path = TEMPLATE) -> str:
     """The Envoy bootstrap as YAML text.
 
     `ports` maps every name in services.ALL_SERVICES to its port on 127.0.0.1.
     With wasm=False the consentry filter is left out (passthrough baseline).
+    With mtls_port and tls_files (TestPKI.bootstrap_files(): ca_cert, server_cert,
+    server_key) the second listener, ingress_mtls, is rendered; without, it is left out.
     """
     text = Path(template).read_text()
+    if (mtls_port is None) != (tls_files is None):
+        raise ValueError("the mTLS listener needs both mtls_port and tls_files")
+    if mtls_port is None:
+        text, n = _MTLS_BLOCK.subn("", text)
+        if n != 1:
+            raise ValueError("template has no single '# BEGIN mtls' ... '# END mtls' block")
+        tls_files = {"ca_cert": "", "server_cert": "", "server_key": ""}
+        mtls_port = 0
     if wasm:
         if wasm_path is None or policy_text is None or not hash_key or not subject_key:
             raise ValueError("wasm variant needs wasm_path, policy_text, hash_key, subject_key")
@@ -156,6 +283,10 @@ def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
         "policy_json": policy_text,
         "hash_key": hash_key,
         "subject_key": subject_key,
+        "mtls_port": int(mtls_port),
+        "tls_ca_cert": str(tls_files["ca_cert"]),
+        "tls_server_cert": str(tls_files["server_cert"]),
+        "tls_server_key": str(tls_files["server_key"]),
     }
     values.update({f"port_{s}": int(ports[s]) for s in svc.ALL_SERVICES})
     # JSON scalars are valid YAML flow scalars: strings come out quoted and escaped.
@@ -187,23 +318,48 @@ class Response:
         return self.body.decode("utf-8", "replace")
 
 
+def _header_pairs(headers) -> list[tuple[str, str]]:
+    """Headers as (lower-case name, value) pairs, from a dict or from a list of pairs (a
+    list may name one header several times: each pair is sent as its own line)."""
+    items = headers.items() if isinstance(headers, dict) else (headers or [])
+    return [(k.lower(), v) for k, v in items]
+
+
 def http_request(port: int, method: str, path: str, *, host: str | None = None,
-                 headers: dict | None = None, body: bytes | str | dict | list | None = None,
-                 timeout: float = HTTP_TIMEOUT_S) -> Response:
-    """One request on a fresh connection to 127.0.0.1:port. dict/list bodies go as JSON."""
-    hdrs = {k.lower(): v for k, v in (headers or {}).items()}
+                 headers: dict | list | None = None,
+                 body: bytes | str | dict | list | None = None,
+                 timeout: float = HTTP_TIMEOUT_S, tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None) -> Response:
+    """One request on a fresh connection to 127.0.0.1:port. dict/list bodies go as JSON.
+
+    With `tls`, the connection is TLS with that context; the SNI and the name the server
+    certificate is checked against is `server_hostname`, else `host`. A failed handshake
+    raises ssl.SSLError (or a ConnectionError when the peer just hangs up).
+    """
+    hdrs = _header_pairs(headers)
+    names = {k for k, _ in hdrs}
     if isinstance(body, (dict, list)):
         body = json.dumps(body).encode()
-        hdrs.setdefault("content-type", "application/json")
+        if "content-type" not in names:
+            hdrs.append(("content-type", "application/json"))
     elif isinstance(body, str):
         body = body.encode()
     if host:
-        hdrs["host"] = host
-    hdrs.setdefault("connection", "close")
+        hdrs = [(k, v) for k, v in hdrs if k != "host"] + [("host", host)]
+    if "connection" not in names:
+        hdrs.append(("connection", "close"))
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.putrequest(method, path, skip_host="host" in hdrs, skip_accept_encoding=True)
-        for k, v in hdrs.items():
+        if tls is not None:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            try:
+                conn.sock = tls.wrap_socket(raw, server_hostname=server_hostname or host)
+            except BaseException:
+                raw.close()
+                raise
+        conn.putrequest(method, path, skip_host=any(k == "host" for k, _ in hdrs),
+                        skip_accept_encoding=True)
+        for k, v in hdrs:
             conn.putheader(k, v)
         if body is not None or method in ("POST", "PUT", "PATCH"):
             conn.putheader("content-length", str(len(body or b"")))
@@ -378,10 +534,15 @@ class Stack:
     run_dir: Path | None = None
     store_data: dict | None = None
     concurrency: int = 2
+    # The second listener, TLS with required client certificates from a test CA made in
+    # <run_dir>/tls (or the given pki).
+    mtls: bool = True
+    pki: TestPKI | None = None
     services: svc.Services | None = None
     envoy: Envoy | None = None
     listener_port: int = 0
     admin_port: int = 0
+    mtls_port: int = 0
     hash_key: str = field(default_factory=random_key)
     subject_key: str = field(default_factory=random_key)
 
@@ -399,17 +560,24 @@ class Stack:
         self.run_dir = Path(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
+            if self.mtls and self.pki is None:
+                self.pki = TestPKI.generate(self.run_dir / "tls")
             self.services = svc.Services(store_data=self.store_data)
-            self.admin_port, self.listener_port = free_ports(2)
+            self.admin_port, self.listener_port, mtls_port = free_ports(3)
+            self.mtls_port = mtls_port if self.mtls else 0
             cfg = render_bootstrap(
                 admin_port=self.admin_port, listener_port=self.listener_port,
                 ports=self.services.ports, access_log_path=self.access_log_path,
                 wasm=self.wasm, wasm_path=wasm_path, policy_text=policy_text,
-                hash_key=self.hash_key, subject_key=self.subject_key)
+                hash_key=self.hash_key, subject_key=self.subject_key,
+                mtls_port=self.mtls_port if self.mtls else None,
+                tls_files=self.pki.bootstrap_files() if self.mtls else None)
             self.config_path.write_text(cfg)
-            (self.run_dir / "ports.json").write_text(json.dumps(
-                {**self.services.ports, "envoy_listener": self.listener_port,
-                 "envoy_admin": self.admin_port}, indent=2))
+            ports = {**self.services.ports, "envoy_listener": self.listener_port,
+                     "envoy_admin": self.admin_port}
+            if self.mtls:
+                ports["envoy_mtls_listener"] = self.mtls_port
+            (self.run_dir / "ports.json").write_text(json.dumps(ports, indent=2))
             self.envoy = Envoy(self.config_path, self.admin_port, self.log_path,
                                binary=binary, concurrency=self.concurrency).start()
         except BaseException:
@@ -443,16 +611,37 @@ class Stack:
 
     # -- traffic -------------------------------------------------------------------
     def send(self, service: str, method: str, path: str, *, caller: str | None = None,
-             body=None, headers: dict | None = None, request_id: str | None = None,
+             body=None, headers: dict | list | None = None, request_id: str | None = None,
              timeout: float = HTTP_TIMEOUT_S) -> tuple[Response, str]:
-        """Send through Envoy to `service` (by Host). Returns (response, request id)."""
-        hdrs = dict(headers or {})
+        """Send through Envoy to `service` (by Host). Returns (response, request id).
+
+        `headers` is a dict, or a list of (name, value) pairs to send a header twice.
+        """
+        return self._send(self.listener_port, None, service, method, path, caller=caller,
+                          body=body, headers=headers, request_id=request_id, timeout=timeout)
+
+    def send_mtls(self, client: str | None, service: str, method: str, path: str, *,
+                  caller: str | None = None, body=None, headers: dict | list | None = None,
+                  request_id: str | None = None,
+                  timeout: float = HTTP_TIMEOUT_S) -> tuple[Response, str]:
+        """Like send, but over the mTLS listener, presenting the test CA's certificate of
+        `client` (a key of TEST_CLIENTS, or ROGUE_CLIENT; None: no certificate)."""
+        if not self.mtls_port:
+            raise EnvError("this stack has no mTLS listener (Stack(mtls=True))")
+        return self._send(self.mtls_port, self.pki.client_context(client), service, method,
+                          path, caller=caller, body=body, headers=headers,
+                          request_id=request_id, timeout=timeout)
+
+    def _send(self, port, tls, service, method, path, *, caller, body, headers, request_id,
+              timeout):
+        drop = {"x-request-id", CALLER_HEADER} if caller else {"x-request-id"}
+        hdrs = [(k, v) for k, v in _header_pairs(headers) if k not in drop]
         rid = request_id or f"e2e-{secrets.token_hex(8)}"
-        hdrs["x-request-id"] = rid
+        hdrs.append(("x-request-id", rid))
         if caller:
-            hdrs[CALLER_HEADER] = caller
-        r = http_request(self.listener_port, method, path, host=HOSTS.get(service, service),
-                         headers=hdrs, body=body, timeout=timeout)
+            hdrs.append((CALLER_HEADER, caller))
+        r = http_request(port, method, path, host=HOSTS.get(service, service), headers=hdrs,
+                         body=body, timeout=timeout, tls=tls)
         return r, rid
 
     def recorded(self, service: str) -> list[dict]:
@@ -547,18 +736,25 @@ def _cmd_render(args) -> int:
     admin_port = args.admin_port or ports.get("envoy_admin") or free_ports(1)[0]
     listener_port = args.port or ports.get("envoy_listener") or free_ports(1)[0]
     policy_text = Path(args.policy).read_text() if not args.passthrough else None
+    mtls_port, tls_files = None, None
+    if args.tls_dir:
+        mtls_port = args.mtls_port or ports.get("envoy_mtls_listener") or free_ports(1)[0]
+        tls_files = TestPKI.generate(args.tls_dir).bootstrap_files()
     text = render_bootstrap(
         admin_port=admin_port, listener_port=listener_port, ports=ports,
         access_log_path=args.access_log, wasm=not args.passthrough,
         wasm_path=str(Path(args.wasm).resolve()) if not args.passthrough else None,
         policy_text=policy_text, hash_key=args.hash_key or random_key(),
-        subject_key=args.subject_key or random_key())
+        subject_key=args.subject_key or random_key(),
+        mtls_port=mtls_port, tls_files=tls_files)
     if args.out == "-":
         sys.stdout.write(text)
     else:
         Path(args.out).write_text(text)
         print(f"wrote {args.out} (admin 127.0.0.1:{admin_port}, "
-              f"listener 127.0.0.1:{listener_port})", file=sys.stderr)
+              f"listener 127.0.0.1:{listener_port}"
+              + (f", mTLS listener 127.0.0.1:{mtls_port}, test CA in {args.tls_dir}"
+                 if mtls_port else "") + ")", file=sys.stderr)
     return 0
 
 
@@ -596,6 +792,9 @@ def main(argv=None) -> int:
     r.add_argument("--access-log", default="/dev/stdout")
     r.add_argument("--hash-key", help="default: random per render")
     r.add_argument("--subject-key", help="default: random per render")
+    r.add_argument("--tls-dir", help="make a test CA, server and client certificates here "
+                   "and render the mTLS listener (default: no mTLS listener)")
+    r.add_argument("--mtls-port", type=int, default=0, help="mTLS listener port")
     r.set_defaults(func=_cmd_render)
     u = sub.add_parser("up", help="start services + Envoy until Ctrl-C")
     u.add_argument("--passthrough", action="store_true")

@@ -185,3 +185,30 @@ def check_decision_shape(d: dict):
         else:
             assert f.get("reason") in REASONS, f"denied field without a valid reason: {f}"
 
+
+
+# -- consent header (policy consent.header) -------------------------------------------
+
+CONSENT_HEADER = "x-consentry-consent"
+HEADER_EVIDENCE = f"header:{CONSENT_HEADER}"
+MARKETING_CONSENT_FIELDS = ("id", "name", "email")  # what marketing.email may receive
+
+
+def consent_header_value(grants: dict) -> str:
+    """`SUBJECT=key1,key2; SUBJECT2=` from {subject: [keys]} (an empty list: none)."""
+    return "; ".join(f"{s}={','.join(keys)}" for s, keys in grants.items())
+
+
+def assert_consent_evidence(d: dict, index: int, evidence: str, granted: bool,
+                            keys=MARKETING_CONSENT_FIELDS):
+    """The marketing.email decisions of record `index`: allowed or not, and from where."""
+    for k in keys:
+        f = field_entry(d, f"$.customers[{index}].{k}")
+        assert f.get("purpose") == "marketing.email", f
+        assert f.get("evidence") == evidence, \
+            f"$.customers[{index}].{k}: evidence {f.get('evidence')!r}, expected {evidence!r}: {f}"
+        if granted:
+            assert f["action"] == "allow", f"$.customers[{index}].{k} should be allowed: {f}"
+        else:
+            assert f["action"] != "allow" and f.get("reason") == "no_consent", \
+                f"$.customers[{index}].{k} should be denied for no_consent: {f}"

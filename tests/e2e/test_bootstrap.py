@@ -14,15 +14,19 @@ import services as svc
 from helpers import customers
 
 
-def _render(tmp_path, wasm: bool) -> str:
+def _render(tmp_path, wasm: bool, pki: ce.TestPKI | None) -> str:
+    """The bootstrap as the tests run it: with the mTLS listener when given a test CA."""
     ports = dict(zip(svc.ALL_SERVICES, ce.free_ports(len(svc.ALL_SERVICES))))
-    admin, listener = ce.free_ports(2)
+    admin, listener, mtls_port = ce.free_ports(3)
+    mtls = pki is not None
     return ce.render_bootstrap(
         admin_port=admin, listener_port=listener, ports=ports,
         access_log_path=tmp_path / "access.log", wasm=wasm,
         wasm_path=ce.find_wasm() if wasm else None,
         policy_text=ce.DEFAULT_POLICY.read_text() if wasm else None,
-        hash_key=ce.random_key(), subject_key=ce.random_key())
+        hash_key=ce.random_key(), subject_key=ce.random_key(),
+        mtls_port=mtls_port if mtls else None,
+        tls_files=pki.bootstrap_files() if mtls else None)
 
 
 def _validate(tmp_path, text: str, name: str):
@@ -34,18 +38,37 @@ def _validate(tmp_path, text: str, name: str):
     assert p.returncode == 0, f"envoy --mode validate failed:\n{p.stdout}\n{p.stderr}"
 
 
-def test_bootstrap_with_consentry_validates(tmp_path):
-    text = _render(tmp_path, wasm=True)
+def test_bootstrap_with_consentry_validates(tmp_path, pki):
+    text = _render(tmp_path, wasm=True, pki=pki)
     assert "envoy.filters.http.wasm" in text
     assert "envoy.wasm.runtime.v8" in text
+    assert "name: ingress_mtls" in text and "require_client_certificate: true" in text
     _validate(tmp_path, text, "envoy.yaml")
 
 
-def test_passthrough_bootstrap_validates(tmp_path):
-    text = _render(tmp_path, wasm=False)
+def test_mtls_listener_shares_the_connection_manager():
+    """ingress_mtls reuses the plain listener's HCM (YAML alias), so the two cannot drift."""
+    template = ce.TEMPLATE.read_text()
+    assert template.count("&ingress_hcm") == 1
+    assert template.count("*ingress_hcm") == 1
+    assert template.count("envoy.filters.network.http_connection_manager") == 1
+    assert len(re.findall(r"^[ \t]*# BEGIN mtls$", template, re.M)) == 1
+    assert len(re.findall(r"^[ \t]*# END mtls$", template, re.M)) == 1
+
+
+def test_bootstrap_without_tls_files_has_no_mtls_listener(tmp_path):
+    # test_policy_load validates this variant with the real Envoy.
+    text = _render(tmp_path, wasm=True, pki=None)
+    assert "name: ingress_mtls" not in text
+    assert "DownstreamTlsContext" not in text and "*ingress_hcm" not in text
+
+
+def test_passthrough_bootstrap_validates(tmp_path, pki):
+    text = _render(tmp_path, wasm=False, pki=pki)
     assert "envoy.filters.http.wasm" not in text
     assert "CONSENTRY_HASH_KEY" not in text
     assert "envoy.filters.http.buffer" in text and "envoy.filters.http.router" in text
+    assert "name: ingress_mtls" in text
     _validate(tmp_path, text, "passthrough.yaml")
 
 
@@ -103,9 +126,10 @@ def test_passthrough_stack_forwards_unchanged(make_stack):
 def test_render_command_line(tmp_path):
     out = tmp_path / "cli.yaml"
     p = subprocess.run([sys.executable, str(ce.HERE / "consentry_env.py"), "render",
-                        "--passthrough", "--out", str(out)],
+                        "--passthrough", "--out", str(out), "--tls-dir", str(tmp_path / "tls")],
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr
+    assert (tmp_path / "tls" / "ca.crt").is_file() and "ingress_mtls" in out.read_text()
     _validate(tmp_path, out.read_text(), "cli-validated.yaml")
 
 

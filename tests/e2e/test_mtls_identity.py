@@ -1,0 +1,117 @@
+"""The caller's identity from mTLS: Envoy's second listener (ingress_mtls) requires a
+client certificate from the test CA (made with openssl for each stack, in
+<run_dir>/tls), and consentry maps the certificate's URI SAN, a SPIFFE id
+(`connection.uri_san_peer_certificate`), to a service through `services.*.principals`.
+A known principal wins over the trusted caller header x-consentry-caller.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import consentry_env as ce
+from helpers import (
+    REDACTED,
+    assert_absent,
+    assert_hashed,
+    assert_intact,
+    assert_marketing_view,
+    assert_masked,
+    assert_no_customer_values,
+    check_decision_shape,
+    customers,
+    decision,
+    only_request,
+)
+
+MARKETING_GRANTED = {"c-1001", "c-1003", "c-1004"}  # record consents, and the store for c-1003
+
+
+def _peer_uri_san(stack, rid):
+    entries = stack.access_entries(rid)
+    assert len(entries) == 1, entries
+    return entries[0].get("peer_uri_san")
+
+
+def test_test_ca_identities_are_the_policys_principals():
+    """The client certificates carry the SPIFFE ids the example policy maps (or none)."""
+    services = json.loads(ce.DEFAULT_POLICY.read_text())["services"]
+    for name in ("marketing-email", "analytics", "gateway"):
+        assert ce.TEST_CLIENTS[name] in services[name]["principals"], name
+    every = {p for s in services.values() for p in s.get("principals", [])}
+    assert ce.TEST_CLIENTS["stranger"] not in every
+
+
+def test_marketing_principal_gets_the_consented_view(stack):
+    r, rid = stack.send_mtls("marketing-email", "profile", "GET", "/v1/customers")
+    assert r.status == 200, r.text()
+    rec = only_request(stack, "profile")
+    assert rec["method"] == "GET"
+    assert "x-consentry-caller" not in {k.lower() for k, _ in rec["headers"]}
+    assert_marketing_view(r.json(), customers(), granted=MARKETING_GRANTED)
+
+    d = decision(stack, rid, "response")
+    check_decision_shape(d)
+    assert d["caller"] == "marketing-email"
+    assert d["recipient"] == "marketing-email"
+    assert d["outcome"] == "modified"
+    assert _peer_uri_san(stack, rid) == ce.TEST_CLIENTS["marketing-email"]
+
+
+def test_analytics_principal_gets_the_analytics_view(stack):
+    batch = customers()
+    r, rid = stack.send_mtls("analytics", "profile", "GET", "/v1/customers")
+    assert r.status == 200, r.text()
+    got = r.json()
+    assert len(got["customers"]) == len(batch["customers"])
+    for orig, rec in zip(batch["customers"], got["customers"]):
+        assert_hashed(rec.get("id"), orig["id"])
+        assert rec.get("name") == REDACTED
+        assert_masked(rec.get("phone"), orig["phone"])
+        assert_absent(rec, ("email", "address", "tax_id"), " for analytics")
+        assert_intact(rec, orig, ("birth_year", "country", "page_views"))
+    d = decision(stack, rid, "response")
+    assert d["caller"] == "analytics" and d["recipient"] == "analytics"
+
+
+def test_principal_wins_over_a_forged_caller_header(stack):
+    """The mailer's certificate with `x-consentry-caller: billing` (billing would see every
+    e-mail address under its contract): the principal decides, not the header."""
+    batch = customers()
+    r, rid = stack.send_mtls("marketing-email", "profile", "GET", "/v1/customers",
+                             caller="billing")
+    assert r.status == 200, r.text()
+    got = r.json()
+    assert_marketing_view(got, batch, granted=MARKETING_GRANTED)
+    # c-1002 said no to marketing e-mail: billing would have had the address.
+    assert "email" not in got["customers"][1], got["customers"][1]
+    d = decision(stack, rid, "response")
+    assert d["caller"] == "marketing-email" and d["recipient"] == "marketing-email", d
+
+
+def test_unknown_principal_gets_no_customer_data(stack):
+    spiffe = ce.TEST_CLIENTS["stranger"]
+    batch = customers()
+    r, rid = stack.send_mtls("stranger", "profile", "GET", "/v1/customers")
+    assert r.status == 200, r.text()
+    assert_no_customer_values(r.text(), batch, "a response to an unknown principal")
+    for orig, rec in zip(batch["customers"], r.json()["customers"]):
+        for k in ("birth_year", "country", "page_views", "address"):
+            assert k not in rec or rec[k] != orig[k], f"{k} reached an unknown principal"
+    d = decision(stack, rid, "response")
+    check_decision_shape(d)
+    assert d["caller"] == f"unknown(principal={spiffe})", d["caller"]
+    assert d["recipient"] == f"unknown(principal={spiffe})", d["recipient"]
+    assert d["fields"] and all(f["action"] != "allow" for f in d["fields"]), d["fields"]
+    assert _peer_uri_san(stack, rid) == spiffe
+
+
+@pytest.mark.parametrize("client", [None, ce.ROGUE_CLIENT],
+                         ids=["no-certificate", "certificate-from-another-ca"])
+def test_without_a_trusted_client_certificate_there_is_no_connection(stack, client):
+    with pytest.raises(OSError) as exc:  # ssl.SSLError, or a reset / EOF in the handshake
+        stack.send_mtls(client, "profile", "GET", "/v1/customers")
+    assert not isinstance(exc.value, TimeoutError), f"no answer at all: {exc.value!r}"
+    assert stack.recorded("profile") == [], "a request got through without a valid certificate"
