@@ -328,3 +328,177 @@ fn split_url(url: &str) -> Result<Url, String> {
         path,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE: &str = include_str!("../../../tests/traffic/acme.har");
+
+    fn names(m: &Message) -> Vec<&str> {
+        m.headers.iter().map(|(k, _)| k.as_str()).collect()
+    }
+
+    #[test]
+    fn the_acme_har_loads() {
+        let recs = load("acme.har", FIXTURE).unwrap();
+        assert_eq!(recs.len(), 3);
+
+        let r = &recs[0];
+        assert_eq!(r.source, "acme.har:entries[0]");
+        assert_eq!(
+            r.name.as_deref(),
+            Some("support agent opens the customer list")
+        );
+        assert_eq!(
+            names(&r.request),
+            [
+                ":method",
+                ":path",
+                ":authority",
+                ":scheme",
+                "accept",
+                "x-consentry-caller",
+                "user-agent"
+            ]
+        );
+        assert_eq!(r.request.header(":path"), Some("/v1/customers?page=1"));
+        assert_eq!(
+            r.request.header(":authority"),
+            Some("profile.acme.internal")
+        );
+        assert_eq!(r.request.header(":scheme"), Some("https"));
+        let resp = r.response.as_ref().unwrap();
+        assert_eq!(resp.header(":status"), Some("200"));
+        assert_eq!(resp.header("content-encoding"), None);
+        assert_eq!(
+            resp.header("content-length"),
+            Some(resp.body.len().to_string().as_str())
+        );
+        let body: Value = serde_json::from_slice(&resp.body).unwrap();
+        assert_eq!(body["customers"][1]["id"], "c-1003");
+        assert_eq!(r.warnings.len(), 1);
+        assert!(
+            r.warnings[0].contains("content-encoding: gzip"),
+            "{:?}",
+            r.warnings
+        );
+
+        let r = &recs[1];
+        assert_eq!(r.name, None);
+        assert_eq!(
+            r.request.header(":authority"),
+            Some("analytics.acme.internal:8080")
+        );
+        assert_eq!(r.request.header(":scheme"), Some("http"));
+        assert_eq!(r.request.header("host"), None);
+        assert_eq!(r.request.header("x-customer-id"), Some("c-1002"));
+        assert_eq!(r.request.header("content-type"), Some("application/json"));
+        assert_eq!(
+            r.request.header("content-length"),
+            Some(r.request.body.len().to_string().as_str())
+        );
+        assert_eq!(r.response.as_ref().unwrap().body, br#"{"accepted":1}"#);
+        assert!(r.warnings.is_empty());
+
+        let r = &recs[2];
+        let body: Value = serde_json::from_slice(&r.request.body).unwrap();
+        assert_eq!(body["customers"][0]["iban"], "SE4550000000058398257466");
+        assert!(r.response.is_none());
+        assert!(r.warnings[0].contains("status 0"), "{:?}", r.warnings);
+    }
+
+    #[test]
+    fn urls() {
+        let u = split_url("HTTPS://user:pw@Host.example:8443?q=1#frag").unwrap();
+        assert_eq!(
+            u,
+            Url {
+                scheme: "https".into(),
+                authority: "Host.example:8443".into(),
+                path: "/?q=1".into()
+            }
+        );
+        assert_eq!(split_url("http://a").unwrap().path, "/");
+        assert_eq!(
+            split_url("http://a/b/c?x=%20y").unwrap().path,
+            "/b/c?x=%20y"
+        );
+        assert!(split_url("data:text/plain,hi")
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(split_url("ws://a/b").unwrap_err().contains("`ws`"));
+        assert!(split_url("http:///x").unwrap_err().contains("no host"));
+    }
+
+    fn one(entry: &str) -> String {
+        format!("{{\"log\": {{\"version\": \"1.2\", \"entries\": [\n{entry}\n]}}}}")
+    }
+
+    #[test]
+    fn bodies_and_headers() {
+        let text = one(
+            r#"{"request": {"method": "POST", "url": "http://a/x", "headers": [
+              {"name": "Content-Length", "value": "999"}, {"name": "Transfer-Encoding", "value": "chunked"}],
+              "postData": {"mimeType": "application/json", "params": [{"name": "a", "value": "b"}]}},
+            "response": {"status": 200, "headers": [{"name": "Content-Encoding", "value": "identity"}],
+              "content": {"size": 10, "mimeType": "text/plain"}}}"#,
+        );
+        let r = &load("h.har", &text).unwrap()[0];
+        assert!(r.request.body.is_empty());
+        assert_eq!(
+            names(&r.request),
+            [":method", ":path", ":authority", ":scheme"]
+        );
+        let resp = r.response.as_ref().unwrap();
+        assert_eq!(resp.header("content-encoding"), Some("identity"));
+        assert_eq!(resp.header("content-type"), None);
+        assert_eq!(r.warnings.len(), 2, "{:?}", r.warnings);
+    }
+
+    #[test]
+    fn errors() {
+        let cases: &[(String, &str, &str)] = &[
+            ("{\"log\": {}}".into(), "1:1", "not a HAR file"),
+            ("{\"log\": {\"entries\": []}}".into(), "1:21", "no entries"),
+            (
+                one(
+                    r#"{"request": {"method": "GET", "url": "ftp://a/x"}, "response": {"status": 200}}"#,
+                ),
+                "2:38",
+                "only http and https",
+            ),
+            (
+                one(
+                    r#"{"request": {"method": "GET", "url": "http://a/x"}, "response": {"status": 700}}"#,
+                ),
+                "2:76",
+                "an HTTP status",
+            ),
+            (
+                one(r#"{"request": {"method": "GET", "url": "http://a/x"}}"#),
+                "2:1",
+                "missing `response`",
+            ),
+            (
+                one(
+                    r#"{"request": {"method": "POST", "url": "http://a/x", "postData": {"text": "%%", "encoding": "base64"}}, "response": {"status": 0}}"#,
+                ),
+                "2:74",
+                "not valid base64",
+            ),
+            (
+                one(
+                    r#"{"request": {"method": "POST", "url": "http://a/x", "postData": {"text": "x", "encoding": "gzip"}}, "response": {"status": 0}}"#,
+                ),
+                "2:91",
+                "unsupported encoding",
+            ),
+        ];
+        for (text, at, needle) in cases {
+            let e = load("e.har", text).unwrap_err();
+            assert_eq!(e.location.as_deref(), Some(*at), "{text}\n{e}");
+            assert!(e.message.contains(needle), "{e}");
+        }
+    }
+}

@@ -117,7 +117,15 @@ pub fn load_path(path: &std::path::Path) -> Result<Vec<Recording>, TrafficError>
     let head: String = text.chars().take(4096).collect();
     if head.contains("\"log\"") && text.contains("\"entries\"") {
         har::load(&file, &text)
-    } else if head.contains("http_buffered_trace") || head.contains("http_streamed_trace_segment") {
+    } else if [
+        "http_buffered_trace",
+        "httpBufferedTrace",
+        "http_streamed_trace_segment",
+        "httpStreamedTraceSegment",
+    ]
+    .iter()
+    .any(|k| head.contains(k))
+    {
         tap::load(&file, &text)
     } else if text.contains("exchanges") {
         native::load(&file, &text)

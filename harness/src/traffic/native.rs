@@ -770,8 +770,8 @@ mod tests {
         let StoreBehaviour::Answer(a) = &r.store else {
             panic!("{:?}", r.store)
         };
-        assert_eq!(a["c-1003"]["marketing_email"], true);
-        assert_eq!(a["c-1003"]["social_profiling"], false);
+        assert!(a["c-1003"]["marketing_email"]);
+        assert!(!a["c-1003"]["social_profiling"]);
 
         // GET by default, no body, no added headers.
         let r = &recs[1];
@@ -780,22 +780,36 @@ mod tests {
         assert!(r.request.body.is_empty());
         assert_eq!(names(&r.request).len(), 5);
         let expected = &r.expect.as_ref().unwrap().response.body;
-        assert_eq!(expected.as_ref().unwrap()["customers"][1]["phone"], json!("********4564"));
+        assert_eq!(
+            expected.as_ref().unwrap()["customers"][1]["phone"],
+            json!("********4564")
+        );
         // Status defaults to 200.
-        assert_eq!(recs[2].response.as_ref().unwrap().header(":status"), Some("200"));
+        assert_eq!(
+            recs[2].response.as_ref().unwrap().header(":status"),
+            Some("200")
+        );
         // No response: the upstream never answered.
         assert!(recs[3].response.is_none());
         assert_eq!(recs[3].expect.as_ref().unwrap().request.status, Some(403));
         // body_text: sent as given, no JSON content-type added.
         let r = &recs[4];
         assert_eq!(r.request.header("content-type"), Some("text/plain"));
-        assert_eq!(names(&r.request).iter().filter(|n| **n == "content-type").count(), 1);
+        assert_eq!(
+            names(&r.request)
+                .iter()
+                .filter(|n| **n == "content-type")
+                .count(),
+            1
+        );
         assert!(r.request.body.starts_with(b"{\"customers\""));
         // An empty response has no added headers.
         assert_eq!(names(recs[5].response.as_ref().unwrap()), [":status"]);
         assert_eq!(recs[6].store, StoreBehaviour::Timeout);
         assert_eq!(recs[6].expect.as_ref().unwrap().response.status, Some(503));
-        assert!(recs.iter().all(|r| r.warnings.is_empty() && r.name.is_some()));
+        assert!(recs
+            .iter()
+            .all(|r| r.warnings.is_empty() && r.name.is_some()));
     }
 
     #[test]
@@ -844,10 +858,16 @@ exchanges:
         );
         assert_eq!(r.request.body, br#"{"a":1}"#);
         assert_eq!(r.request.header(":scheme"), Some("https"));
-        assert_eq!(r.request.trailers, [("grpc-status".to_string(), "0".to_string())]);
+        assert_eq!(
+            r.request.trailers,
+            [("grpc-status".to_string(), "0".to_string())]
+        );
         let resp = r.response.as_ref().unwrap();
         assert_eq!(resp.body, b"null");
-        assert_eq!(resp.header("content-type"), Some("application/problem+json"));
+        assert_eq!(
+            resp.header("content-type"),
+            Some("application/problem+json")
+        );
         assert_eq!(resp.header("content-length"), Some("4"));
         assert_eq!(r.store, StoreBehaviour::Status(500));
         assert!(r.expect.is_none());
@@ -881,7 +901,7 @@ exchanges:
             ),
             (
                 "exchanges:\n  - request: { path: /, authority: a, body: 1, body_text: x }\n",
-                "2:53",
+                "2:48",
                 &["both `body` and `body_text`"],
             ),
             (
@@ -911,27 +931,28 @@ exchanges:
             ),
             (
                 "consent_store: { answer: { c-1: { k: yes } } }\n",
-                "1:39",
+                "1:38",
                 &["/consent_store/answer/c-1/k", "true, false"],
             ),
             (
                 "exchanges:\n  - request: { path: /, authority: a, headers: { ':path': /x } }\n",
-                "2:51",
+                "2:50",
                 &["pseudo-header"],
             ),
             (
                 "exchanges:\n  - request: { path: /, authority: a, headers: { x: [a, {b: c}] } }\n",
-                "2:59",
+                "2:57",
                 &["/exchanges/0/request/headers/x/1", "header value"],
             ),
             (
                 "exchanges:\n  - request: { path: /, authority: a, headers: { x: ~ } }\n",
-                "2:54",
+                "2:53",
                 &["write \"\" for an empty value"],
             ),
             ("exchanges: []\n", "1:12", &["`exchanges` is empty"]),
             ("- a\n", "1:1", &["expected a mapping (a replay file), found a list"]),
-            ("consent_store: {}\n", "1:1", &["missing key `exchanges`"]),
+            ("consent_store: { down: true }\n", "1:1", &["missing key `exchanges`"]),
+            ("consent_store: {}\n", "1:16", &["has 0 keys"]),
             ("exchanges:\n  - request: { path: /, authority: a\n", "3:1", &["invalid YAML"]),
             ("{\"exchanges\": [}", "1:16", &["invalid JSON"]),
             (

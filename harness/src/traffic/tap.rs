@@ -404,3 +404,221 @@ fn trim_zeros(d: &[u8]) -> &[u8] {
     let n = d.iter().take_while(|c| **c == b'0').count();
     &d[n..]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn fixtures() -> PathBuf {
+        let candidates = [
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/traffic/tap"),
+            Path::new(file!())
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("../../../tests/traffic/tap"),
+        ];
+        candidates
+            .into_iter()
+            .find(|p| p.is_dir())
+            .expect("tests/traffic/tap")
+    }
+
+    fn scratch_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("consentry-tap-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn err(text: &str) -> TrafficError {
+        load("t.json", text).unwrap_err()
+    }
+
+    const ONE: &str = r#"{"http_buffered_trace": {"request": {"headers": [
+        {"key": ":method", "value": "GET"}, {"key": ":path", "value": "/v1/customers"},
+        {"key": ":authority", "value": "profile.acme.internal"}]}}}"#;
+
+    #[test]
+    fn file_per_tap_directory() {
+        let dir = fixtures();
+        let recs = load_dir(&dir).unwrap();
+        assert_eq!(recs.len(), 3);
+        let ends: Vec<_> = recs
+            .iter()
+            .map(|r| r.source.rsplit('/').next().unwrap())
+            .collect();
+        assert_eq!(ends, ["tap_1.json", "tap_2.json", "tap_10.json"]);
+
+        // as_bytes
+        let r = &recs[0];
+        assert_eq!(r.request.header(":method"), Some("POST"));
+        assert_eq!(
+            r.request.header(":authority"),
+            Some("analytics.acme.internal")
+        );
+        let body: Value = serde_json::from_slice(&r.request.body).unwrap();
+        assert_eq!(body["customers"][1]["id"], "c-1004");
+        assert_eq!(
+            r.request.header("content-length"),
+            Some(r.request.body.len().to_string().as_str())
+        );
+        let resp = r.response.as_ref().unwrap();
+        assert_eq!(resp.header(":status"), Some("202"));
+        assert_eq!(resp.body, br#"{"accepted":2}"#);
+        assert!(r.warnings.is_empty() && !r.request.body_truncated);
+        assert!(r.cluster.is_none() && r.peer_principal.is_none() && r.expect.is_none());
+
+        // as_string, no request body
+        let r = &recs[1];
+        assert!(r.request.body.is_empty());
+        assert_eq!(r.request.header("x-consentry-caller"), Some("support"));
+        let resp = r.response.as_ref().unwrap();
+        let body: Value = serde_json::from_slice(&resp.body).unwrap();
+        assert_eq!(body["customers"][0]["consents"]["marketing_email"], true);
+
+        // truncated
+        let r = &recs[2];
+        assert!(r.request.body_truncated);
+        assert_eq!(r.request.body.len(), 64);
+        assert_eq!(r.warnings.len(), 1);
+        assert!(
+            r.warnings[0].contains("max_buffered_rx_bytes"),
+            "{:?}",
+            r.warnings
+        );
+        assert!(!r.response.as_ref().unwrap().body_truncated);
+    }
+
+    #[test]
+    fn several_traces_in_one_file() {
+        let concatenated = format!("{ONE}\n{ONE}");
+        let recs = load("s.json", &concatenated).unwrap();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[0].source, "s.json#0");
+        assert_eq!(recs[1].source, "s.json#1");
+        assert!(recs[0].response.is_none());
+        let array = format!("[{ONE}, {ONE}, {ONE}]");
+        let recs = load("a.json", &array).unwrap();
+        assert_eq!(recs.len(), 3);
+        assert_eq!(recs[2].source, "a.json#2");
+        let recs = load("o.json", ONE).unwrap();
+        assert_eq!(recs[0].source, "o.json");
+    }
+
+    #[test]
+    fn camel_case_raw_values_and_yaml() {
+        let text = r#"{"httpBufferedTrace": {
+            "request": {"headers": [{"key": ":Method", "value": "POST"}, {"key": ":path", "value": "/v1/events"},
+                                    {"key": "host", "value": "analytics.acme.internal"},
+                                    {"key": "X-Raw", "rawValue": "aGVsbG8="}],
+                        "body": {"asString": "{}", "truncated": false}},
+            "response": {"headers": [{"key": ":status", "value": "200"}],
+                         "body": {"asBytes": "e30", "truncated": true}},
+            "upstreamConnection": {}}}"#;
+        let r = &load("c.json", text).unwrap()[0];
+        assert_eq!(r.request.header(":method"), Some("POST"));
+        assert_eq!(
+            r.request.header(":authority"),
+            Some("analytics.acme.internal")
+        );
+        assert_eq!(r.request.header("x-raw"), Some("hello"));
+        assert_eq!(r.request.body, b"{}");
+        let resp = r.response.as_ref().unwrap();
+        assert_eq!(resp.body, b"{}");
+        assert!(resp.body_truncated);
+        assert!(
+            r.warnings[0].contains("response body")
+                && r.warnings[0].contains("max_buffered_tx_bytes")
+        );
+
+        let yaml = "http_buffered_trace:\n  request:\n    headers:\n      - {key: ':method', value: GET}\n      - {key: ':path', value: /}\n      - {key: ':authority', value: a}\n";
+        assert_eq!(load("y.yaml", yaml).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn errors() {
+        let e = err(r#"{"http_streamed_trace_segment": {"trace_id": "1"}}"#);
+        assert!(
+            e.message.contains(
+                "streamed traces are not supported: configure the tap with http_buffered_trace"
+            ),
+            "{e}"
+        );
+        assert_eq!(e.location.as_deref(), Some("1:2"));
+        let e = err(r#"{"socket_buffered_trace": {}}"#);
+        assert!(e.message.contains("envoy.filters.http.tap"), "{e}");
+        let e = err("{\"foo\": 1}");
+        assert!(
+            e.message.contains("http_buffered_trace") && e.message.contains("`foo`"),
+            "{e}"
+        );
+        let e = err("{\"http_buffered_trace\": {\"request\": {\"headers\": [\n  {\"key\": \":method\", \"value\": \"GET\"}]}}}");
+        assert!(e.message.contains("`:path`"), "{e}");
+        assert_eq!(e.location.as_deref(), Some("1:37"));
+        let e =
+            err("{\"http_buffered_trace\": {\"request\": {\"body\": {\"as_bytes\": \"%%%\"}}}}");
+        assert!(e.message.contains("base64"), "{e}");
+        assert!(
+            e.message
+                .starts_with("/http_buffered_trace/request/body/as_bytes"),
+            "{e}"
+        );
+        let e = err("{\"http_buffered_trace\": {\"request\": {\"headers\": {}}}}");
+        assert!(e.message.contains("a list of"), "{e}");
+        let e = err(&format!("{ONE}\n{{\"http_buffered_trace\": "));
+        assert_eq!(
+            e.location.as_deref().map(|l| l.starts_with("4:")),
+            Some(true),
+            "{e}"
+        );
+        let e = err(&format!("[{ONE}, 1]"));
+        assert!(e.message.starts_with("/1: "), "{e}");
+        let e = err(
+            r#"{"http_buffered_trace": {"request": {"headers": [{"key": ":method", "value": "GET"},
+            {"key": ":path", "value": "/"}, {"key": ":authority", "value": "a"}]},
+            "response": {"headers": [{"key": "server", "value": "x"}]}}}"#,
+        );
+        assert!(e.message.contains(":status"), "{e}");
+    }
+
+    #[test]
+    fn directories_without_json_traces() {
+        let d = scratch_dir("pb");
+        std::fs::write(d.join("tap_1.pb"), b"\x0a").unwrap();
+        let e = load_dir(&d).unwrap_err();
+        assert!(e.message.contains("JSON_BODY_AS_BYTES"), "{e}");
+        let d2 = scratch_dir("empty");
+        std::fs::write(d2.join("README"), b"x").unwrap();
+        let e = load_dir(&d2).unwrap_err();
+        assert!(e.message.contains("no tap files"), "{e}");
+        let e = load_dir(&d2.join("missing")).unwrap_err();
+        assert!(e.message.contains("cannot read"), "{e}");
+        let _ = std::fs::remove_dir_all(d);
+        let _ = std::fs::remove_dir_all(d2);
+    }
+
+    #[test]
+    fn natural_order() {
+        let mut names = vec![
+            "tap_10.json",
+            "tap_2.json",
+            "tap_1.json",
+            "tap_02.json",
+            "a.json",
+            "tap_x.json",
+        ];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            names,
+            [
+                "a.json",
+                "tap_1.json",
+                "tap_2.json",
+                "tap_02.json",
+                "tap_10.json",
+                "tap_x.json"
+            ]
+        );
+    }
+}
