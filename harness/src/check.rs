@@ -62,7 +62,11 @@ pub fn check_text(file: &str, text: &str) -> Vec<Finding> {
                 line: Some(e.line),
                 column: Some(e.column),
                 pointer: String::new(),
-                message: format!("{} (the policy is not valid YAML or JSON)", e.message),
+                message: if e.message.contains("anchor or alias") {
+                    format!("{} (in YAML, `*` and `&` start aliases and anchors: quote JSONPaths, e.g. path: \"$.customers[*]\")", e.message)
+                } else {
+                    format!("{} (the policy is not valid YAML or JSON)", e.message)
+                },
             });
             return out;
         }

@@ -68,6 +68,25 @@ pub fn read_entries(path: &Path) -> anyhow::Result<(Vec<Value>, Vec<String>)> {
 
 /// [`read_entries`] on any reader.
 pub fn read_from<R: BufRead>(mut reader: R) -> anyhow::Result<(Vec<Value>, Vec<String>)> {
+    let mut all = Vec::new();
+    reader.read_to_end(&mut all)?;
+    // One pretty-printed JSON document (`consentry replay --format json`): its first
+    // line alone is not JSON, the whole is.
+    let text = String::from_utf8_lossy(&all);
+    let trimmed = text.trim_start_matches('\u{feff}').trim();
+    let first_line = trimmed.lines().next().unwrap_or("");
+    if trimmed.starts_with(['{', '[']) && serde_json::from_str::<Value>(first_line).is_err() {
+        if let Ok(doc) = serde_json::from_str::<Value>(trimmed) {
+            let mut entries = Vec::new();
+            let mut problems = Vec::new();
+            let n = collect(&doc, 0, &mut entries, &mut problems);
+            if n == 0 {
+                problems.push("the JSON document holds no decision entries".into());
+            }
+            return Ok((entries, problems));
+        }
+    }
+    let mut reader = std::io::Cursor::new(all);
     let mut state = Reader::default();
     let mut buf = Vec::new();
     let mut line_no = 0usize;
