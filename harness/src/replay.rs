@@ -16,8 +16,8 @@ use std::path::Path;
 pub const REPLAY_HASH_KEY: &str = "consentry-replay-hash-key-not-secret";
 pub const REPLAY_SUBJECT_KEY: &str = "consentry-replay-subject-key-not-secret";
 
-/// The prefix of decision log lines (the filter's `LOG_PREFIX`).
-pub const DECISION_PREFIX: &str = "consentry.decision ";
+/// The prefix of decision log lines.
+pub use consentry::engine::LOG_PREFIX as DECISION_PREFIX;
 
 /// A policy ready to hand to the filter.
 #[derive(Debug, Clone)]

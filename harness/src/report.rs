@@ -26,7 +26,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 /// What precedes an entry in Envoy's log (the filter's `LOG_PREFIX`, without its space).
-const MARKER: &str = "consentry.decision";
+const MARKER: &str = consentry::engine::LOG_PREFIX.trim_ascii_end();
 /// The access log key holding the exchange's entries.
 const ACCESS_LOG_KEY: &str = "consentry_decision";
 /// Warnings listed per input; the rest are counted.

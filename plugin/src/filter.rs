@@ -6,6 +6,7 @@
 //! is refused (or, with `fail: open`, passed and logged) — never passed by accident.
 
 use crate::engine::policy::Mode;
+use crate::engine::LOG_PREFIX;
 use crate::engine::{
     cache_decode, cache_encode, parse_store_response, store_request_body, BodyPlan, DecisionLog,
     Direction, Exchange, Policy, Report, StoreAnswers, Uninspectable, UninspectableKind,
@@ -18,8 +19,6 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
-/// Prefix of every decision log line in Envoy's log.
-pub const LOG_PREFIX: &str = "consentry.decision ";
 /// Filter state (`wasm.<name>`) holding the exchange's decision entries as a JSON array.
 const DECISION_PROPERTY: &str = "consentry_decision";
 /// Filter state holding the exchange's most severe outcome.

@@ -130,6 +130,10 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
+/// Prefix of every decision log line the filter writes to the proxy's log; what follows
+/// is the entry's JSON. Log pipelines and `consentry report` find entries by it.
+pub const LOG_PREFIX: &str = "consentry.decision ";
+
 /// Most field decisions one log entry lists; the rest are counted.
 pub const MAX_LOGGED_FIELDS: usize = 200;
 
