@@ -7,6 +7,7 @@ use super::consent::{granted, ConsentAnswer, HeaderConsent, StoreAnswers};
 use super::decision::{DecisionLog, FieldDecision, Outcome, Reason, MAX_LOGGED_FIELDS};
 use super::policy::{FailMode, LegalBasis, MessageSubject, Mode, Undeclared};
 use super::selector::{push_edge, Edge, Selector};
+use super::strict_json::StrictError;
 use super::{Direction, ServiceId};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -54,6 +55,8 @@ pub enum UninspectableKind {
     Malformed,
     TooDeep,
     TooManyRecords,
+    /// JSON that parsers read differently (a duplicate key).
+    Ambiguous,
     ConsentStore,
 }
 
@@ -80,6 +83,7 @@ impl Uninspectable {
             UninspectableKind::Malformed => "malformed_json",
             UninspectableKind::TooDeep => "too_deep",
             UninspectableKind::TooManyRecords => "too_many_records",
+            UninspectableKind::Ambiguous => "ambiguous_json",
             UninspectableKind::ConsentStore => "consent_store_unavailable",
         }
     }
@@ -980,22 +984,24 @@ impl Policy {
                 ))
             }
         }
-        let doc: Value = serde_json::from_slice(body).map_err(|e| {
-            let msg = e.to_string();
-            if msg.contains("recursion limit") {
-                Uninspectable::new(
-                    UninspectableKind::TooDeep,
-                    format!(
-                        "JSON nests deeper than the policy's limit of {}",
-                        self.max_depth
-                    ),
-                )
-            } else {
-                Uninspectable::new(
-                    UninspectableKind::Malformed,
-                    format!("body is not valid JSON: {msg}"),
-                )
-            }
+        let doc: Value = super::strict_json::parse(body).map_err(|e| match e {
+            StrictError::Syntax { too_deep: true, .. } => Uninspectable::new(
+                UninspectableKind::TooDeep,
+                format!(
+                    "JSON nests deeper than the policy's limit of {}",
+                    self.max_depth
+                ),
+            ),
+            StrictError::Syntax { message, .. } => Uninspectable::new(
+                UninspectableKind::Malformed,
+                format!("body is not valid JSON: {message}"),
+            ),
+            dup @ StrictError::DuplicateKey { .. } => Uninspectable::new(
+                UninspectableKind::Ambiguous,
+                format!(
+                    "{dup}; parsers disagree on which value counts, so the body cannot be judged"
+                ),
+            ),
         })?;
         if depth_exceeds(&doc, self.max_depth) {
             return Err(Uninspectable::new(

@@ -19,6 +19,7 @@ mod decision;
 mod eval;
 pub mod policy;
 mod selector;
+mod strict_json;
 
 pub use compile::{category_covers, Action, Policy, PolicyError, PolicyErrors, StoreConfig};
 pub use consent::{

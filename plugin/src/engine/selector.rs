@@ -44,7 +44,9 @@ impl Atom {
     fn matches(&self, edge: Edge<'_>) -> bool {
         match (self, edge) {
             (Atom::Wildcard, _) => true,
-            (Atom::Name(n), Edge::Key(k)) => n == k,
+            // A recipient's parser may match keys case-insensitively (many object
+            // mappers do): `Email` is judged as `email`, never let through unjudged.
+            (Atom::Name(n), Edge::Key(k)) => n.eq_ignore_ascii_case(k),
             (Atom::Index(i), Edge::Index(at, len)) => {
                 if *i >= 0 {
                     usize::try_from(*i).is_ok_and(|i| i == at)
@@ -221,6 +223,10 @@ mod tests {
         assert!(reach("$.c[-1]", &[Edge::Key("c"), Edge::Index(4, 5)]));
         assert!(!reach("$.c[-6]", &[Edge::Key("c"), Edge::Index(0, 5)]));
         assert!(reach("$['x','y']", &[Edge::Key("y")]));
+        assert!(
+            reach("$.email", &[Edge::Key("EMail")]),
+            "names match in any case"
+        );
     }
 
     #[test]

@@ -841,3 +841,43 @@ fn a_policy_that_needs_a_key_it_was_not_given_does_not_start() {
         json!({ "name": "m", "fields": [{ "path": "$.a", "category": "user.name" }] });
     assert!(Policy::compile(v.to_string().as_bytes(), &none).is_ok());
 }
+
+#[test]
+fn ambiguous_json_is_refused_and_spellings_of_a_declared_key_are_judged() {
+    let p = policy();
+    let ex = exchange(&p, "crm", "stats", "/v1/customers", &[]);
+    let d = Direction::Request;
+    // Which `email` would the recipient read? Refuse rather than guess.
+    let dup = br#"{"customers":[{"id":"c-1","email":"a@b.c","email":"x"}]}"#;
+    let e = p
+        .plan_body(&ex, d, Some("application/json"), None, dup)
+        .unwrap_err();
+    assert_eq!(
+        (e.kind, e.code(), e.status(d)),
+        (UninspectableKind::Ambiguous, "ambiguous_json", 400)
+    );
+    assert!(!e.detail.contains("a@b.c"), "{}", e.detail);
+    let escaped = br#"{"customers":[{"email":"a@b.c","em\u0061il":"x"}]}"#;
+    assert_eq!(
+        p.plan_body(&ex, d, Some("application/json"), None, escaped)
+            .unwrap_err()
+            .kind,
+        UninspectableKind::Ambiguous
+    );
+    // A key spelled with escapes, or in another case, is still the declared field.
+    let body: Value = serde_json::from_slice(
+        br#"{"customers":[{"id":"c-1","\u0065mail":"a@b.c","EMAIL":"b@b.c","Email":"c@b.c"}]}"#,
+    )
+    .unwrap();
+    let r = run(&p, "stats", &body);
+    let c = r.out["customers"][0].as_object().unwrap();
+    assert!(c.keys().all(|k| !k.eq_ignore_ascii_case("email")), "{c:?}");
+    assert_eq!(
+        r.log
+            .fields
+            .iter()
+            .filter(|f| f.category == "user.contact.email")
+            .count(),
+        3
+    );
+}
