@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 
 import pytest
 
 from helpers import (
+    only_request,
     POLICY_NAME,
     assert_no_customer_values,
     check_decision_shape,
@@ -59,8 +61,10 @@ REQUEST_CASES = [
     ("non_json_content_type", {"content-type": "text/plain"},
      json.dumps(customers()).encode(), 415),
     ("no_content_type", {}, json.dumps(customers()).encode(), 415),
-    ("gzip_encoding", {"content-type": "application/json", "content-encoding": "gzip"},
-     gzip.compress(json.dumps(customers()).encode()), 415),
+    ("brotli_encoding", {"content-type": "application/json", "content-encoding": "br"},
+     b"\x1b\x03\x00\xf8\x8d\x94n\xde\x08", 415),
+    ("gzip_that_is_not_gzip", {"content-type": "application/json", "content-encoding": "gzip"},
+     json.dumps(customers()).encode(), 400),
     ("over_size_limit", {"content-type": "application/json"},
      _big_batch(1_500_000), 413),
 ]
@@ -93,3 +97,20 @@ def test_body_just_under_the_limit_is_inspected(stack):
     got = json.loads(stack.recorded("analytics")[0]["body"])
     assert "email" not in got["customers"][0]
     assert len(got["customers"][0]["padding"]) == 1_000_000
+
+
+def test_gzip_request_is_judged_and_forwarded_gzip(stack):
+    """gzip (and deflate) bodies are decoded, judged, and sent on encoded the same way."""
+    batch = customers()
+    body = gzip.compress(json.dumps(batch).encode())
+    r, rid = stack.send("analytics", "POST", "/v1/events", caller="profile", body=body,
+                        headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status == 200, r.text()[:300]
+    rec = only_request(stack, "analytics")
+    encodings = [v for k, v in rec["headers"] if k.lower() == "content-encoding"]
+    assert encodings == ["gzip"], rec["headers"]
+    got = json.loads(gzip.decompress(base64.b64decode(rec["body_b64"])))
+    for orig, out in zip(batch["customers"], got["customers"]):
+        assert "email" not in out
+        assert out["birth_year"] == orig["birth_year"]
+    assert decision(stack, rid, "request")["outcome"] == "modified"

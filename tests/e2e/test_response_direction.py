@@ -121,8 +121,8 @@ RESPONSE_CASES = [
     ("malformed", {"content-type": "application/json"}, b'{"customers": [{"id": "c-1001", '),
     ("non_json_type", {"content-type": "text/plain"},
      json.dumps(customers()).encode()),
-    ("gzip", {"content-type": "application/json", "content-encoding": "gzip"},
-     _gzip_json(customers())),
+    ("brotli", {"content-type": "application/json", "content-encoding": "br"},
+     b"\x1b\x03\x00\xf8\x8d\x94n\xde\x08"),
 ]
 
 
@@ -138,3 +138,17 @@ def test_uninspectable_response_is_refused(stack, case, headers, body):
     d = decision(stack, rid, "response")
     assert d["outcome"] == "uninspectable"
     assert d.get("detail"), d
+
+
+def test_gzip_response_is_judged_and_sent_back_gzip(stack):
+    batch = customers()
+    stack.services.upstreams["profile"].respond(
+        "/v1/customers", 200, {"content-type": "application/json", "content-encoding": "gzip"},
+        _gzip_json(batch))
+    r, rid = stack.send("profile", "GET", "/v1/customers", caller="marketing-email",
+                        headers={"accept-encoding": "gzip"})
+    assert r.status == 200, r.text()[:300]
+    assert r.header("content-encoding") == "gzip", r.headers
+    got = json.loads(gzip.decompress(r.body))
+    assert_marketing_view(got, batch, granted={"c-1001", "c-1003", "c-1004"})
+    assert decision(stack, rid, "response")["outcome"] == "modified"

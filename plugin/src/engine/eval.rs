@@ -6,6 +6,7 @@ use super::compile::{Action, CBinding, CNamed, Policy};
 use super::consent::{granted, ConsentAnswer, HeaderConsent, StoreAnswers};
 use super::decision::{DecisionLog, FieldDecision, Outcome, Reason, MAX_LOGGED_FIELDS};
 use super::policy::{FailMode, LegalBasis, MessageSubject, Mode, Undeclared};
+use super::encoding;
 use super::selector::{push_edge, Edge, Selector};
 use super::strict_json::StrictError;
 use super::{Direction, ServiceId};
@@ -183,6 +184,8 @@ struct RecordInfo {
 pub struct BodyPlan {
     doc: Option<Value>,
     binding: usize,
+    /// The body's content codings, to encode a changed body again.
+    codings: Vec<encoding::Coding>,
     records: Vec<RecordInfo>,
     /// Subjects whose consent must come from the consent store.
     pub store_subjects: Vec<String>,
@@ -937,6 +940,7 @@ impl Policy {
             return Ok(BodyPlan {
                 doc: None,
                 binding: 0,
+                codings: Vec::new(),
                 records: Vec::new(),
                 store_subjects: Vec::new(),
             });
@@ -944,6 +948,7 @@ impl Policy {
         let mut plan = BodyPlan {
             doc: None,
             binding: b.0,
+            codings: Vec::new(),
             records: Vec::new(),
             store_subjects: Vec::new(),
         };
@@ -960,15 +965,33 @@ impl Policy {
                 ),
             ));
         }
-        if let Some(enc) = content_encoding
-            .map(str::trim)
-            .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
-        {
-            return Err(Uninspectable::new(
+        let codings = encoding::codings(content_encoding.unwrap_or("")).map_err(|e| match e {
+            encoding::DecodeError::Unsupported(c) => Uninspectable::new(
                 UninspectableKind::UnsupportedEncoding,
-                format!("content-encoding `{}` is not decoded by this filter; send the body uncompressed", short(enc)),
-            ));
-        }
+                format!("content-encoding `{c}` is not decoded by this filter (it reads gzip and deflate); send the body uncompressed or with one of those"),
+            ),
+            other => Uninspectable::new(UninspectableKind::UnsupportedEncoding, format!("{other:?}")),
+        })?;
+        let decoded;
+        let body = if codings.is_empty() {
+            body
+        } else {
+            decoded = encoding::decode(body, &codings, self.max_body_bytes).map_err(|e| match e {
+                encoding::DecodeError::TooLarge => Uninspectable::new(
+                    UninspectableKind::TooLarge,
+                    format!("the decompressed body is over the policy's limit of {} bytes", self.max_body_bytes),
+                ),
+                encoding::DecodeError::Corrupt(m) => Uninspectable::new(
+                    UninspectableKind::Malformed,
+                    format!("the body does not decode as its content-encoding says: {m}"),
+                ),
+                encoding::DecodeError::Unsupported(c) => {
+                    Uninspectable::new(UninspectableKind::UnsupportedEncoding, c)
+                }
+            })?;
+            plan.codings = codings;
+            &decoded[..]
+        };
         match content_type {
             Some(ct) if is_json_content_type(ct) => {}
             Some(ct) => {
@@ -1089,7 +1112,9 @@ impl Policy {
             }
         }
         if changed {
-            verdict.body = Some(serde_json::to_vec(&doc).unwrap_or_default());
+            // A Value with string keys always serialises; the encoders write to memory.
+            let json = serde_json::to_vec(&doc).unwrap_or_default();
+            verdict.body = Some(encoding::encode(&json, &plan.codings).unwrap_or(json));
         }
         verdict
     }

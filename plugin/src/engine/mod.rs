@@ -16,6 +16,7 @@ mod actions;
 mod compile;
 mod consent;
 mod decision;
+mod encoding;
 mod eval;
 pub mod policy;
 mod selector;
