@@ -5,6 +5,7 @@
 //! Failure rule: when anything goes wrong for a message the policy covers, the message
 //! is refused (or, with `fail: open`, passed and logged) — never passed by accident.
 
+use crate::abi;
 use crate::engine::policy::Mode;
 use crate::engine::LOG_PREFIX;
 use crate::engine::{
@@ -13,11 +14,11 @@ use crate::engine::{
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Filter state (`wasm.<name>`) holding the exchange's decision entries as a JSON array.
 const DECISION_PROPERTY: &str = "consentry_decision";
@@ -30,19 +31,17 @@ proxy_wasm::main! {{
 }}
 
 fn log(level: LogLevel, msg: &str) {
-    let _ = hostcalls::log(level, msg);
+    let _ = abi::log(level, msg);
 }
 
 fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    abi::current_time_nanos()
+        .map(|n| n / 1_000_000)
         .unwrap_or(0)
 }
 
 fn property(path: &[&str]) -> Option<String> {
-    match hostcalls::get_property(path.to_vec()) {
+    match abi::get_property(path) {
         Ok(Some(b)) if !b.is_empty() => String::from_utf8(b).ok(),
         _ => None,
     }
@@ -58,12 +57,12 @@ fn count(name: &str) {
         if let Some(id) = m.borrow().get(name) {
             return Some(*id);
         }
-        let id = hostcalls::define_metric(MetricType::Counter, name).ok()?;
+        let id = abi::define_metric(MetricType::Counter, name).ok()?;
         m.borrow_mut().insert(name.to_string(), id);
         Some(id)
     });
     if let Some(id) = id {
-        let _ = hostcalls::increment_metric(id, 1);
+        let _ = abi::increment_metric(id, 1);
     }
 }
 
@@ -91,7 +90,7 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let config = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+        let config = match abi::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(Some(c)) if !c.is_empty() => c,
             _ => {
                 log(LogLevel::Critical, "consentry: no policy in the plugin configuration; set `configuration` to the policy JSON");
@@ -184,8 +183,8 @@ struct Stream {
     replied: bool,
 }
 
-fn header_map(map: MapType) -> Result<Vec<(String, String)>, Status> {
-    hostcalls::get_map(map)
+fn header_map(map: MapType) -> Result<Vec<(String, String)>, abi::HostError> {
+    abi::get_map(map)
 }
 
 fn first<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
@@ -239,13 +238,10 @@ impl Stream {
         log(level, &format!("{LOG_PREFIX}{json}"));
         self.entries.push(json);
         let all = format!("[{}]", self.entries.join(","));
-        let _ = hostcalls::set_property(vec![DECISION_PROPERTY], Some(all.as_bytes()));
+        let _ = abi::set_property(&[DECISION_PROPERTY], all.as_bytes());
         if self.worst.is_none_or(|w| entry.outcome > w) {
             self.worst = Some(entry.outcome);
-            let _ = hostcalls::set_property(
-                vec![OUTCOME_PROPERTY],
-                Some(entry.outcome.as_str().as_bytes()),
-            );
+            let _ = abi::set_property(&[OUTCOME_PROPERTY], entry.outcome.as_str().as_bytes());
         }
         let outcome = entry.outcome.as_str();
         count(&format!("consentry.outcome.{outcome}"));
@@ -310,15 +306,15 @@ impl Stream {
             ("content-type", "application/json"),
             ("x-consentry", "refused"),
         ];
-        if hostcalls::send_http_response(status, headers, Some(body)).is_err() {
+        if abi::send_local_response(status, &headers, body).is_err() {
             // The response has started and cannot be replaced: cut the stream rather
             // than let the rest through.
             log(
                 LogLevel::Error,
                 "consentry: could not send a local reply; resetting the stream",
             );
-            let _ = hostcalls::reset_http_response();
-            let _ = hostcalls::reset_http_request();
+            let _ = abi::close_stream(abi::STREAM_RESPONSE);
+            let _ = abi::close_stream(abi::STREAM_REQUEST);
         }
     }
 
@@ -333,8 +329,8 @@ impl Stream {
         let mut missing = Vec::new();
         for s in subjects {
             let key = policy.cache_key(s);
-            let hit = match hostcalls::get_shared_data(&key) {
-                Ok((Some(bytes), _)) => cache_decode(&bytes, now),
+            let hit = match abi::get_shared_data(&key) {
+                Ok(Some(bytes)) => cache_decode(&bytes, now),
                 _ => None,
             };
             match hit {
@@ -438,7 +434,7 @@ impl Stream {
             // subjects, and the upstream has no purpose for it, trusted or not.
             if let Some(name) = policy.consent_header() {
                 if self.enforcing() && first(&headers, name).is_some() {
-                    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+                    let _ = abi::remove_map_value(MapType::HttpRequestHeaders, name);
                 }
             }
         }
@@ -492,11 +488,11 @@ impl Stream {
         if enforcing && !verdict.report.is_blocked() {
             for (name, values) in &verdict.set_headers {
                 let ok = if values.is_empty() {
-                    hostcalls::remove_map_value(headers_map(d), name).is_ok()
+                    abi::remove_map_value(headers_map(d), name).is_ok()
                 } else {
-                    let mut ok = hostcalls::remove_map_value(headers_map(d), name).is_ok();
+                    let mut ok = abi::remove_map_value(headers_map(d), name).is_ok();
                     for v in values {
-                        ok &= hostcalls::add_map_value(headers_map(d), name, v).is_ok();
+                        ok &= abi::add_map_value(headers_map(d), name, v).is_ok();
                     }
                     ok
                 };
@@ -511,7 +507,7 @@ impl Stream {
                 }
             }
             if let Some(path) = &verdict.new_path {
-                if hostcalls::set_map_value(headers_map(d), ":path", Some(path)).is_err() {
+                if abi::replace_map_value(headers_map(d), ":path", path).is_err() {
                     return self.finish(
                         d,
                         Some(Uninspectable::new(
@@ -532,9 +528,9 @@ impl Stream {
         }
         if enforcing {
             // The body may change size; Envoy does not fix content-length for us.
-            let _ = hostcalls::remove_map_value(headers_map(d), "content-length");
+            let _ = abi::remove_map_value(headers_map(d), "content-length");
             if d == Direction::Response {
-                let _ = hostcalls::add_map_value(headers_map(d), "x-consentry-hold", "1");
+                let _ = abi::add_map_value(headers_map(d), "x-consentry-hold", "1");
             }
         }
         Action::Continue
@@ -573,7 +569,7 @@ impl Stream {
         if !end {
             return Action::Pause;
         }
-        let body = match hostcalls::get_buffer(body_buffer(d), 0, size) {
+        let body = match abi::get_buffer(body_buffer(d), 0, size) {
             Ok(b) => b.unwrap_or_default(),
             Err(s) => {
                 return self.finish(
@@ -632,7 +628,7 @@ impl Stream {
         self.side(d).report.merge(verdict.report);
         if self.enforcing() && !self.side(d).report.is_blocked() {
             if let Some(new_body) = &verdict.body {
-                if let Err(s) = hostcalls::set_buffer(body_buffer(d), 0, size, new_body) {
+                if let Err(s) = abi::set_buffer(body_buffer(d), 0, size, new_body) {
                     return self.finish(
                         d,
                         Some(Uninspectable::new(
@@ -652,7 +648,7 @@ impl Stream {
         if !side.covered || side.done || self.replied {
             return Action::Continue;
         }
-        let size = match hostcalls::get_buffer(body_buffer(d), 0, usize::MAX) {
+        let size = match abi::get_buffer(body_buffer(d), 0, usize::MAX) {
             Ok(Some(b)) => b.len(),
             _ => 0,
         };
@@ -663,18 +659,18 @@ impl Stream {
         // Envoy does not start a filter whose configuration failed; if it ever does,
         // nothing passes uninspected.
         self.replied = true;
-        let _ = hostcalls::send_http_response(
+        let _ = abi::send_local_response(
             503,
-            vec![("content-type", "application/json")],
-            Some(br#"{"error":"consentry_unconfigured","detail":"the consentry filter has no valid policy"}"#),
+            &[("content-type", "application/json")],
+            br#"{"error":"consentry_unconfigured","detail":"the consentry filter has no valid policy"}"#,
         );
         Action::Pause
     }
 
     fn resume(d: Direction) {
         let r = match d {
-            Direction::Request => hostcalls::resume_http_request(),
-            Direction::Response => hostcalls::resume_http_response(),
+            Direction::Request => abi::continue_stream(abi::STREAM_REQUEST),
+            Direction::Response => abi::continue_stream(abi::STREAM_RESPONSE),
         };
         if r.is_err() {
             log(
@@ -704,16 +700,14 @@ impl Context for Stream {
         let Some(policy) = self.policy.clone() else {
             return;
         };
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        let status = abi::get_map_value(MapType::HttpCallResponseHeaders, ":status")
             .ok()
             .flatten();
         let parsed = match status.as_deref() {
-            Some("200") => {
-                match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
-                    Ok(Some(body)) => parse_store_response(&body, &pending.subjects),
-                    _ => Err("consent store answered 200 with no body".to_string()),
-                }
-            }
+            Some("200") => match abi::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+                Ok(Some(body)) => parse_store_response(&body, &pending.subjects),
+                _ => Err("consent store answered 200 with no body".to_string()),
+            },
             Some(s) => Err(format!("consent store answered status {s}")),
             None => Err(
                 "consent store did not answer (timeout, reset or connection failure)".to_string(),
@@ -736,10 +730,9 @@ impl Context for Stream {
         if let Some(store) = policy.consent_store() {
             let expires = now_ms().saturating_add(store.cache_ttl_s.saturating_mul(1000));
             for (subject, answer) in &answers {
-                let _ = hostcalls::set_shared_data(
+                let _ = abi::set_shared_data(
                     &policy.cache_key(subject),
-                    Some(&cache_encode(answer, expires)),
-                    None,
+                    &cache_encode(answer, expires),
                 );
             }
         }

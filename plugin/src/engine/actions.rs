@@ -71,8 +71,20 @@ pub fn mask_text(spec: &MaskSpec, text: &str) -> String {
     out
 }
 
+/// Masks a value. A scalar becomes its masked text; an array or object keeps its shape
+/// with every scalar inside masked on its own, so the kept part of one value can never
+/// be another value of the container.
 pub fn mask_value(spec: &MaskSpec, v: &Value) -> Value {
-    Value::String(mask_text(spec, &value_text(v)))
+    match v {
+        Value::Array(items) => Value::Array(items.iter().map(|x| mask_value(spec, x)).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, x)| (k.clone(), mask_value(spec, x)))
+                .collect(),
+        ),
+        Value::Null => Value::Null,
+        scalar => Value::String(mask_text(spec, &value_text(scalar))),
+    }
 }
 
 /// Decodes `%XX` and `+` in a query component; invalid escapes stay as written.
@@ -158,6 +170,18 @@ mod tests {
         };
         assert_eq!(mask_text(&email, "anna@example.com"), "a***@example.com");
         assert_eq!(mask_text(&MaskSpec::default(), "ab"), "**");
+    }
+
+    #[test]
+    fn masks_of_containers_mask_each_value_alone() {
+        let domain = MaskSpec {
+            keep_domain: true,
+            ..Default::default()
+        };
+        let v = serde_json::json!(["ann@example.com", "secret-value", {"k": 12345678}]);
+        let out = mask_value(&domain, &v).to_string();
+        assert!(!out.contains("secret") && !out.contains("12345678"), "{out}");
+        assert!(out.contains("@example.com"), "{out}");
     }
 
     #[test]

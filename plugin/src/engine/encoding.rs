@@ -46,7 +46,9 @@ pub fn decode(body: &[u8], codings: &[Coding], limit: usize) -> Result<Vec<u8>, 
             Coding::Gzip => read_limited(GzDecoder::new(&data[..]), limit)?,
             Coding::Deflate => match read_limited(ZlibDecoder::new(&data[..]), limit) {
                 Ok(d) => d,
-                Err(DecodeError::Corrupt(_)) => read_limited(DeflateDecoder::new(&data[..]), limit)?,
+                Err(DecodeError::Corrupt(_)) => {
+                    read_limited(DeflateDecoder::new(&data[..]), limit)?
+                }
                 Err(e) => return Err(e),
             },
         };
@@ -93,7 +95,14 @@ mod tests {
     #[test]
     fn stacked_codings_round_trip() {
         let body = br#"{"customers":[{"email":"a@b.c"}]}"#;
-        for header in ["gzip", "x-gzip", "deflate", "gzip, gzip", "deflate, gzip", "identity"] {
+        for header in [
+            "gzip",
+            "x-gzip",
+            "deflate",
+            "gzip, gzip",
+            "deflate, gzip",
+            "identity",
+        ] {
             let cs = codings(header).unwrap();
             let wire = encode(body, &cs).unwrap();
             assert_eq!(decode(&wire, &cs, 1 << 20).unwrap(), body, "{header}");
@@ -110,12 +119,21 @@ mod tests {
 
     #[test]
     fn unknown_codings_corrupt_data_and_bombs_are_refused() {
-        assert_eq!(codings("gzip, br"), Err(DecodeError::Unsupported("br".into())));
-        assert!(matches!(decode(b"not gzip", &[Coding::Gzip], 100), Err(DecodeError::Corrupt(_))));
+        assert_eq!(
+            codings("gzip, br"),
+            Err(DecodeError::Unsupported("br".into()))
+        );
+        assert!(matches!(
+            decode(b"not gzip", &[Coding::Gzip], 100),
+            Err(DecodeError::Corrupt(_))
+        ));
         let mut e = GzEncoder::new(Vec::new(), Compression::best());
         e.write_all(&vec![b' '; 1 << 20]).unwrap();
         let bomb = e.finish().unwrap();
         assert!(bomb.len() < 4096, "{}", bomb.len());
-        assert_eq!(decode(&bomb, &[Coding::Gzip], 1 << 16), Err(DecodeError::TooLarge));
+        assert_eq!(
+            decode(&bomb, &[Coding::Gzip], 1 << 16),
+            Err(DecodeError::TooLarge)
+        );
     }
 }

@@ -5,8 +5,8 @@ use super::actions::{hash_value, mask_value, percent_decode, percent_encode, sub
 use super::compile::{Action, CBinding, CNamed, Policy};
 use super::consent::{granted, ConsentAnswer, HeaderConsent, StoreAnswers};
 use super::decision::{DecisionLog, FieldDecision, Outcome, Reason, MAX_LOGGED_FIELDS};
-use super::policy::{FailMode, LegalBasis, MessageSubject, Mode, Undeclared};
 use super::encoding;
+use super::policy::{FailMode, LegalBasis, MessageSubject, Mode, Undeclared};
 use super::selector::{push_edge, Edge, Selector};
 use super::strict_json::StrictError;
 use super::{Direction, ServiceId};
@@ -976,19 +976,23 @@ impl Policy {
         let body = if codings.is_empty() {
             body
         } else {
-            decoded = encoding::decode(body, &codings, self.max_body_bytes).map_err(|e| match e {
-                encoding::DecodeError::TooLarge => Uninspectable::new(
-                    UninspectableKind::TooLarge,
-                    format!("the decompressed body is over the policy's limit of {} bytes", self.max_body_bytes),
-                ),
-                encoding::DecodeError::Corrupt(m) => Uninspectable::new(
-                    UninspectableKind::Malformed,
-                    format!("the body does not decode as its content-encoding says: {m}"),
-                ),
-                encoding::DecodeError::Unsupported(c) => {
-                    Uninspectable::new(UninspectableKind::UnsupportedEncoding, c)
-                }
-            })?;
+            decoded =
+                encoding::decode(body, &codings, self.max_body_bytes).map_err(|e| match e {
+                    encoding::DecodeError::TooLarge => Uninspectable::new(
+                        UninspectableKind::TooLarge,
+                        format!(
+                            "the decompressed body is over the policy's limit of {} bytes",
+                            self.max_body_bytes
+                        ),
+                    ),
+                    encoding::DecodeError::Corrupt(m) => Uninspectable::new(
+                        UninspectableKind::Malformed,
+                        format!("the body does not decode as its content-encoding says: {m}"),
+                    ),
+                    encoding::DecodeError::Unsupported(c) => {
+                        Uninspectable::new(UninspectableKind::UnsupportedEncoding, c)
+                    }
+                })?;
             plan.codings = codings;
             &decoded[..]
         };

@@ -648,9 +648,19 @@ fn what_cannot_be_inspected_is_refused_with_a_reason() {
         kind(None, None, body),
         Some(UninspectableKind::UnsupportedMediaType)
     );
-    assert_eq!(kind(Some("application/json"), Some("br"), body), Some(UninspectableKind::UnsupportedEncoding));
-    assert_eq!(kind(Some("application/json"), Some("gzip, zstd"), body), Some(UninspectableKind::UnsupportedEncoding));
-    assert_eq!(kind(Some("application/json"), Some("gzip"), body), Some(UninspectableKind::Malformed), "not gzip at all");
+    assert_eq!(
+        kind(Some("application/json"), Some("br"), body),
+        Some(UninspectableKind::UnsupportedEncoding)
+    );
+    assert_eq!(
+        kind(Some("application/json"), Some("gzip, zstd"), body),
+        Some(UninspectableKind::UnsupportedEncoding)
+    );
+    assert_eq!(
+        kind(Some("application/json"), Some("gzip"), body),
+        Some(UninspectableKind::Malformed),
+        "not gzip at all"
+    );
     assert_eq!(
         kind(Some("application/json"), None, b"{\"customers\": [1,"),
         Some(UninspectableKind::Malformed)
@@ -891,21 +901,42 @@ fn gzip_and_deflate_bodies_are_judged_and_sent_back_encoded_the_same_way() {
     let mut e = GzEncoder::new(Vec::new(), Compression::default());
     e.write_all(json.as_bytes()).unwrap();
     let wire = e.finish().unwrap();
-    let plan = p.plan_body(&ex, Direction::Request, Some("application/json"), Some("gzip"), &wire).unwrap();
+    let plan = p
+        .plan_body(
+            &ex,
+            Direction::Request,
+            Some("application/json"),
+            Some("gzip"),
+            &wire,
+        )
+        .unwrap();
     let v = p.judge_body(&ex, Direction::Request, plan, &StoreAnswers::new());
     let out = v.body.expect("changed");
     let mut text = String::new();
-    GzDecoder::new(&out[..]).read_to_string(&mut text).expect("still gzip");
+    GzDecoder::new(&out[..])
+        .read_to_string(&mut text)
+        .expect("still gzip");
     let got: Value = serde_json::from_str(&text).unwrap();
     assert!(got["customers"][0].get("email").is_none());
     assert_eq!(got["customers"][0]["age"], 30);
     // A compressed body that would decompress past the limit is refused, not inflated.
-    let small = compile(&policy_json(json!({ "limits": { "max_body_bytes": 1000 } })));
+    let small = compile(&policy_json(
+        json!({ "limits": { "max_body_bytes": 1000 } }),
+    ));
     let mut e = GzEncoder::new(Vec::new(), Compression::best());
-    e.write_all(format!("{{\"customers\":[],\"pad\":\"{}\"}}", " ".repeat(5000)).as_bytes()).unwrap();
+    e.write_all(format!("{{\"customers\":[],\"pad\":\"{}\"}}", " ".repeat(5000)).as_bytes())
+        .unwrap();
     let bomb = e.finish().unwrap();
     assert!(bomb.len() < 1000);
     let ex2 = exchange(&small, "crm", "stats", "/v1/customers", &[]);
-    let err = small.plan_body(&ex2, Direction::Request, Some("application/json"), Some("gzip"), &bomb).unwrap_err();
+    let err = small
+        .plan_body(
+            &ex2,
+            Direction::Request,
+            Some("application/json"),
+            Some("gzip"),
+            &bomb,
+        )
+        .unwrap_err();
     assert_eq!(err.kind, UninspectableKind::TooLarge);
 }
