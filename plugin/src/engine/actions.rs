@@ -180,7 +180,10 @@ mod tests {
         };
         let v = serde_json::json!(["ann@example.com", "secret-value", {"k": 12345678}]);
         let out = mask_value(&domain, &v).to_string();
-        assert!(!out.contains("secret") && !out.contains("12345678"), "{out}");
+        assert!(
+            !out.contains("secret") && !out.contains("12345678"),
+            "{out}"
+        );
         assert!(out.contains("@example.com"), "{out}");
     }
 

@@ -18,6 +18,7 @@ mod consent;
 mod decision;
 mod encoding;
 mod eval;
+mod jsonpath;
 pub mod policy;
 mod selector;
 mod strict_json;

@@ -1,13 +1,10 @@
-//! Policy selectors: JSONPath (RFC 9535) parsed once by `jsonpath-rust` when the policy
-//! is compiled, then lowered to a small step list that the per-message walk matches
-//! without ever touching the JSONPath parser again.
+//! Policy selectors: JSONPath (RFC 9535) parsed once when the policy is compiled (by
+//! [`super::jsonpath`], checked in tests against `jsonpath-rust`), as a small step list
+//! that the per-message walk matches without ever parsing JSONPath again.
 //!
 //! Supported: names (`.a`, `['a']`), indexes (`[0]`, `[-1]`), wildcards (`[*]`, `.*`),
 //! unions of those (`['a','b']`, `[0,2]`) and descendants (`..a`, `..*`). Filters and
 //! slices are refused at compile time: what a field is must not depend on its value.
-
-use jsonpath_rust::parser::model::{Segment, Selector as JpSelector};
-use jsonpath_rust::parser::parse_json_path;
 
 /// One thing a step can match at a child edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,16 +61,9 @@ impl Selector {
     /// Parses and lowers a JSONPath. The error says what is wrong and what to write
     /// instead; the caller adds where the selector is.
     pub fn parse(source: &str) -> Result<Selector, String> {
-        let query = parse_json_path(source).map_err(|e| {
-            format!("`{source}` is not a valid JSONPath ({e}); write it like `$.customers[*]` or `$.address.city`")
-        })?;
-        let mut steps = Vec::with_capacity(query.segments.len());
-        for segment in &query.segments {
-            steps.push(lower_segment(source, segment)?);
-        }
         Ok(Selector {
             source: source.to_string(),
-            steps,
+            steps: super::jsonpath::parse(source)?,
         })
     }
 
@@ -107,56 +97,6 @@ impl Selector {
 
     pub fn is_complete(&self, pos: usize) -> bool {
         pos == self.steps.len()
-    }
-}
-
-fn lower_segment(source: &str, segment: &Segment) -> Result<Step, String> {
-    match segment {
-        Segment::Selector(s) => Ok(Step {
-            descendant: false,
-            atoms: vec![lower_selector(source, s)?],
-        }),
-        Segment::Selectors(list) => Ok(Step {
-            descendant: false,
-            atoms: list
-                .iter()
-                .map(|s| lower_selector(source, s))
-                .collect::<Result<_, _>>()?,
-        }),
-        Segment::Descendant(inner) => {
-            let mut step = lower_segment(source, inner)?;
-            if step.descendant {
-                return Err(format!(
-                    "`{source}` nests `..` twice; one `..` already reaches every depth"
-                ));
-            }
-            step.descendant = true;
-            Ok(step)
-        }
-    }
-}
-
-fn lower_selector(source: &str, selector: &JpSelector) -> Result<Atom, String> {
-    match selector {
-        JpSelector::Name(n) => Ok(Atom::Name(unquote(n))),
-        JpSelector::Index(i) => Ok(Atom::Index(*i)),
-        JpSelector::Wildcard => Ok(Atom::Wildcard),
-        JpSelector::Slice(..) => Err(format!(
-            "`{source}` uses a slice; selectors take names, indexes, `*` and `..` only: use `[*]` for every element"
-        )),
-        JpSelector::Filter(_) => Err(format!(
-            "`{source}` uses a filter `[?...]`; a field's category may not depend on its value: bind the field by name, and use a separate message binding per shape"
-        )),
-    }
-}
-
-/// jsonpath-rust keeps the quotes of bracketed names (`['a']` gives `'a'`).
-fn unquote(name: &str) -> String {
-    let b = name.as_bytes();
-    if b.len() >= 2 && (b[0] == b'\'' || b[0] == b'"') && b[b.len() - 1] == b[0] {
-        name[1..name.len() - 1].to_string()
-    } else {
-        name.to_string()
     }
 }
 
@@ -195,6 +135,126 @@ pub fn push_edge(path: &mut String, edge: Edge<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jsonpath_rust::parser::model::{Segment, Selector as JpSelector};
+    use jsonpath_rust::parser::parse_json_path;
+
+    /// The reference: jsonpath-rust's parse, lowered to steps.
+    fn reference(source: &str) -> Result<Vec<Step>, String> {
+        let q = parse_json_path(source).map_err(|e| e.to_string())?;
+        q.segments
+            .iter()
+            .map(|s| lower_segment(source, s))
+            .collect()
+    }
+
+    pub(super) fn lower_segment(source: &str, segment: &Segment) -> Result<Step, String> {
+        match segment {
+            Segment::Selector(s) => Ok(Step {
+                descendant: false,
+                atoms: vec![lower_selector(source, s)?],
+            }),
+            Segment::Selectors(list) => Ok(Step {
+                descendant: false,
+                atoms: list
+                    .iter()
+                    .map(|s| lower_selector(source, s))
+                    .collect::<Result<_, _>>()?,
+            }),
+            Segment::Descendant(inner) => {
+                let mut step = lower_segment(source, inner)?;
+                if step.descendant {
+                    return Err(format!(
+                        "`{source}` nests `..` twice; one `..` already reaches every depth"
+                    ));
+                }
+                step.descendant = true;
+                Ok(step)
+            }
+        }
+    }
+
+    fn lower_selector(source: &str, selector: &JpSelector) -> Result<Atom, String> {
+        match selector {
+            JpSelector::Name(n) => Ok(Atom::Name(unquote(n))),
+            JpSelector::Index(i) => Ok(Atom::Index(*i)),
+            JpSelector::Wildcard => Ok(Atom::Wildcard),
+            JpSelector::Slice(..) => Err(format!(
+                "`{source}` uses a slice; selectors take names, indexes, `*` and `..` only: use `[*]` for every element"
+            )),
+            JpSelector::Filter(_) => Err(format!(
+                "`{source}` uses a filter `[?...]`; a field's category may not depend on its value: bind the field by name, and use a separate message binding per shape"
+            )),
+        }
+    }
+
+    /// jsonpath-rust keeps the quotes of bracketed names (`['a']` gives `'a'`).
+    fn unquote(name: &str) -> String {
+        let b = name.as_bytes();
+        if b.len() >= 2 && (b[0] == b'\'' || b[0] == b'"') && b[b.len() - 1] == b[0] {
+            name[1..name.len() - 1].to_string()
+        } else {
+            name.to_string()
+        }
+    }
+
+    #[test]
+    fn the_parser_agrees_with_jsonpath_rust() {
+        let accepted = [
+            "$",
+            "$.a",
+            "$.a.b",
+            "$['a b']",
+            "$[\"a\"]",
+            "$.c[*].e",
+            "$.c[1]",
+            "$.c[-1]",
+            "$['x','y']",
+            "$[0,2]",
+            "$..email",
+            "$..*",
+            "$.a..b",
+            "$..['a','b']",
+            "$.*",
+            "$[*]",
+            "$.customers[*]",
+            "$.déjà",
+            "$['it\\'s']",
+            "$['\\u0041']",
+            "$.a_1",
+            "$ .a",
+            "$[ 'a' , 'b' ]",
+            "$['😀']",
+            "$['\\ud83d\\ude00']",
+        ];
+        for src in accepted {
+            let ours = crate::engine::jsonpath::parse(src).unwrap_or_else(|e| panic!("{src}: {e}"));
+            assert_eq!(Ok(ours), reference(src), "{src}");
+        }
+        let refused = [
+            "",
+            "a",
+            "$.",
+            "$..",
+            "$[",
+            "$['a'",
+            "$[01]",
+            "$[-0]",
+            "$.1a",
+            "$a",
+            "$['a\\q']",
+            "$[1:2]",
+            "$[?@.a]",
+            "$.a[?@.b == 1]",
+            "$[1,]",
+            "$...a",
+        ];
+        for src in refused {
+            assert!(
+                crate::engine::jsonpath::parse(src).is_err(),
+                "{src} was accepted"
+            );
+        }
+    }
 
     fn reach(sel: &str, edges: &[Edge<'_>]) -> bool {
         let s = Selector::parse(sel).unwrap();
