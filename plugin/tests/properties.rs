@@ -1015,6 +1015,8 @@ fn expect(
             "redact" => Some(Exp::Same(json!(marker))),
             "hash" => Some(Exp::Hashed),
             "mask" if v.is_object() || v.is_array() => Some(Exp::MaskedContainer),
+            // null holds nothing to mask: it stays null.
+            "mask" if v.is_null() => Some(Exp::Same(Value::Null)),
             "mask" => Some(Exp::Masked(value_text(v))),
             other => panic!("unexpected action {other} in an unblocked message"),
         };
