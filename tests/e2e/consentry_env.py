@@ -39,6 +39,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -239,6 +240,10 @@ class TestPKI:
 _WASM_BLOCK = re.compile(r"^[ \t]*# BEGIN consentry\n.*?^[ \t]*# END consentry\n",
                          re.M | re.S)
 _MTLS_BLOCK = re.compile(r"^[ \t]*# BEGIN mtls\n.*?^[ \t]*# END mtls\n", re.M | re.S)
+# The Lua response hold in front of consentry: its comment and its filter entry, up to
+# the wasm filter. Dropped for the variant without the hold (hold=False).
+_HOLD_BLOCK = re.compile(
+    r"^[ \t]*# Response hold\..*?(?=^[ \t]*- name: envoy\.filters\.http\.wasm\n)", re.M | re.S)
 
 
 def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
@@ -246,15 +251,21 @@ def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
                      wasm_path: str | Path | None = None, policy_text: str | None = None,
                      hash_key: str | None = None, subject_key: str | None = None,
                      mtls_port: int | None = None, tls_files: dict | None = None,
-                     template: str | Path = TEMPLATE) -> str:
+                     template: str | Path = TEMPLATE, hold: bool = True) -> str:
     """The Envoy bootstrap as YAML text.
 
     `ports` maps every name in services.ALL_SERVICES to its port on 127.0.0.1.
     With wasm=False the consentry filter is left out (passthrough baseline).
     With mtls_port and tls_files (TestPKI.bootstrap_files(): ca_cert, server_cert,
     server_key) the second listener, ingress_mtls, is rendered; without, it is left out.
+    With hold=False the Lua response hold in front of consentry is left out (a blocked
+    response is then cut off instead of replaced: see README.md, "Deploying").
     """
     text = Path(template).read_text()
+    if not hold:
+        text, n = _HOLD_BLOCK.subn("", text)
+        if n != 1 or "envoy.filters.http.lua" in text:
+            raise ValueError("template has no single Lua response hold before the wasm filter")
     if (mtls_port is None) != (tls_files is None):
         raise ValueError("the mTLS listener needs both mtls_port and tls_files")
     if mtls_port is None:
@@ -545,6 +556,10 @@ class Stack:
     mtls_port: int = 0
     hash_key: str = field(default_factory=random_key)
     subject_key: str = field(default_factory=random_key)
+    # False: no Lua response hold in front of consentry (render_bootstrap(hold=False)).
+    hold: bool = True
+    # Applied to the rendered bootstrap text before Envoy reads it (test variants).
+    bootstrap_edit: Callable[[str], str] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> "Stack":
@@ -571,7 +586,10 @@ class Stack:
                 wasm=self.wasm, wasm_path=wasm_path, policy_text=policy_text,
                 hash_key=self.hash_key, subject_key=self.subject_key,
                 mtls_port=self.mtls_port if self.mtls else None,
-                tls_files=self.pki.bootstrap_files() if self.mtls else None)
+                tls_files=self.pki.bootstrap_files() if self.mtls else None,
+                hold=self.hold)
+            if self.bootstrap_edit is not None:
+                cfg = self.bootstrap_edit(cfg)
             self.config_path.write_text(cfg)
             ports = {**self.services.ports, "envoy_listener": self.listener_port,
                      "envoy_admin": self.admin_port}
