@@ -328,9 +328,9 @@ impl Stream {
         let now = now_ms();
         let mut missing = Vec::new();
         for s in subjects {
-            let key = policy.cache_key(s);
+            let (key, id) = policy.cache_slot(s);
             let hit = match abi::get_shared_data(&key) {
-                Ok(Some(bytes)) => cache_decode(&bytes, now),
+                Ok(Some(bytes)) => cache_decode(&bytes, &id, now),
                 _ => None,
             };
             match hit {
@@ -730,10 +730,8 @@ impl Context for Stream {
         if let Some(store) = policy.consent_store() {
             let expires = now_ms().saturating_add(store.cache_ttl_s.saturating_mul(1000));
             for (subject, answer) in &answers {
-                let _ = abi::set_shared_data(
-                    &policy.cache_key(subject),
-                    &cache_encode(answer, expires),
-                );
+                let (key, id) = policy.cache_slot(subject);
+                let _ = abi::set_shared_data(&key, &cache_encode(&id, answer, expires));
             }
         }
         pending.answers.extend(answers);

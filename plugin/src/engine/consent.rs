@@ -119,20 +119,25 @@ pub(crate) fn granted(v: &Value) -> Option<bool> {
     }
 }
 
-/// Serialises an answer for the cross-VM cache, with its expiry (ms since the epoch).
-pub fn cache_encode(answer: &ConsentAnswer, expires_ms: u64) -> Vec<u8> {
+/// Serialises an answer for the cross-VM cache, with the id of its subject and its
+/// expiry (ms since the epoch).
+pub fn cache_encode(id: &str, answer: &ConsentAnswer, expires_ms: u64) -> Vec<u8> {
     let grants = match answer {
         ConsentAnswer::Known(m) => serde_json::to_value(m).unwrap_or(Value::Null),
         ConsentAnswer::Unknown => Value::Null,
     };
-    serde_json::json!({ "exp": expires_ms, "grants": grants })
+    serde_json::json!({ "id": id, "exp": expires_ms, "grants": grants })
         .to_string()
         .into_bytes()
 }
 
-/// Reads a cached answer if it is well formed and not expired at `now_ms`.
-pub fn cache_decode(bytes: &[u8], now_ms: u64) -> Option<ConsentAnswer> {
+/// Reads a cached answer if it is well formed, belongs to subject `id` (a slot may hold
+/// another subject's entry) and has not expired at `now_ms`.
+pub fn cache_decode(bytes: &[u8], id: &str, now_ms: u64) -> Option<ConsentAnswer> {
     let v: Value = serde_json::from_slice(bytes).ok()?;
+    if v.get("id")?.as_str()? != id {
+        return None;
+    }
     let exp = v.get("exp")?.as_u64()?;
     if now_ms >= exp {
         return None;
@@ -178,13 +183,18 @@ mod tests {
     }
 
     #[test]
-    fn cache_entries_expire() {
+    fn cache_entries_expire_and_belong_to_one_subject() {
         let a = ConsentAnswer::Known([("k".to_string(), true)].into());
-        let bytes = cache_encode(&a, 1000);
-        assert_eq!(cache_decode(&bytes, 999), Some(a));
-        assert_eq!(cache_decode(&bytes, 1000), None);
-        let u = cache_encode(&ConsentAnswer::Unknown, 1000);
-        assert_eq!(cache_decode(&u, 0), Some(ConsentAnswer::Unknown));
-        assert_eq!(cache_decode(b"garbage", 0), None);
+        let bytes = cache_encode("s1:aa", &a, 1000);
+        assert_eq!(cache_decode(&bytes, "s1:aa", 999), Some(a));
+        assert_eq!(cache_decode(&bytes, "s1:aa", 1000), None);
+        assert_eq!(
+            cache_decode(&bytes, "s1:bb", 0),
+            None,
+            "another subject's entry is a miss"
+        );
+        let u = cache_encode("s1:aa", &ConsentAnswer::Unknown, 1000);
+        assert_eq!(cache_decode(&u, "s1:aa", 0), Some(ConsentAnswer::Unknown));
+        assert_eq!(cache_decode(b"garbage", "s1:aa", 0), None);
     }
 }

@@ -13,6 +13,10 @@ use super::{Direction, ServiceId};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 
+/// Slots of the cross-VM consent cache (see [`Policy::cache_slot`]): at most this many
+/// entries of about 200 bytes each live in Envoy's shared data.
+pub const CONSENT_CACHE_SLOTS: u64 = 16_384;
+
 /// One side of an exchange as the policy knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Party {
@@ -230,7 +234,18 @@ fn get_singular<'v>(sel: &Selector, root: &'v Value) -> Option<&'v Value> {
     let mut cur = root;
     for step in &sel.steps {
         cur = match (step.atoms.first()?, cur) {
-            (Atom::Name(n), Value::Object(o)) => o.get(n)?,
+            (Atom::Name(n), Value::Object(o)) => match o.get(n) {
+                Some(v) => v,
+                // Field names match in any case, so must the subject and consent paths:
+                // `ID` is the subject when there is no `id` (one spelling only).
+                None => {
+                    let mut same = o.iter().filter(|(k, _)| k.eq_ignore_ascii_case(n));
+                    match (same.next(), same.next()) {
+                        (Some((_, v)), None) => v,
+                        _ => return None,
+                    }
+                }
+            },
             (Atom::Index(i), Value::Array(a)) => {
                 let idx = if *i >= 0 {
                     usize::try_from(*i).ok()?
@@ -779,14 +794,21 @@ impl Policy {
         !all_answered
     }
 
-    /// Key of a subject's consent in the cross-VM cache: a keyed pseudonym, so raw
-    /// customer ids never sit in shared memory.
-    pub fn cache_key(&self, subject: &str) -> String {
+    /// Where a subject's consent lives in the cross-VM cache: a slot key and the id the
+    /// entry must carry. The cache is direct-mapped onto [`CONSENT_CACHE_SLOTS`] slots,
+    /// because Envoy's shared data has no eviction: one key per subject would grow
+    /// without bound. The id is a keyed pseudonym, so raw customer ids never sit in
+    /// shared memory, and a slot taken over by another subject is simply a miss.
+    pub fn cache_slot(&self, subject: &str) -> (String, String) {
         let id = match &self.subject_key {
             Some(k) => subject_pseudonym(k, subject),
             None => subject.to_string(),
         };
-        format!("consentry/consent/{}/{id}", self.name)
+        let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let slot = hash % CONSENT_CACHE_SLOTS;
+        (format!("consentry/consent/{}/{slot}", self.name), id)
     }
 
     /// Which consent-store answers the header phase needs.

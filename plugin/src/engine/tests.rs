@@ -940,3 +940,34 @@ fn gzip_and_deflate_bodies_are_judged_and_sent_back_encoded_the_same_way() {
         .unwrap_err();
     assert_eq!(err.kind, UninspectableKind::TooLarge);
 }
+
+#[test]
+fn the_subject_is_found_in_any_spelling_of_its_key_but_never_guessed() {
+    let p = policy();
+    let ex = exchange(&p, "crm", "mailer", "/v1/customers", &[]);
+    let body = batch(
+        json!([{ "ID": "c-1", "email": "a@b.c" }, { "Id": "c-2", "ID": "c-3", "email": "b@b.c" }]),
+    );
+    let r = run_with(&p, &ex, Direction::Request, &body, &StoreAnswers::new());
+    // One other spelling is the subject; two are ambiguous, so no subject at all.
+    assert_eq!(r.store_subjects, vec!["c-1"]);
+    assert_eq!(
+        r.log
+            .fields
+            .iter()
+            .find(|f| f.path == "$.customers[1].email")
+            .and_then(|f| f.evidence.as_deref()),
+        Some("none:no_subject")
+    );
+}
+
+#[test]
+fn the_consent_cache_is_bounded_and_keyed_by_pseudonym() {
+    let p = policy();
+    let slots: std::collections::HashSet<String> = (0..100_000)
+        .map(|i| p.cache_slot(&format!("c-{i}")).0)
+        .collect();
+    assert!(slots.len() as u64 <= eval::CONSENT_CACHE_SLOTS);
+    let (key, id) = p.cache_slot("c-secret");
+    assert!(!key.contains("c-secret") && !id.contains("c-secret") && id.starts_with("s1:"));
+}
