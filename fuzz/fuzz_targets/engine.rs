@@ -20,6 +20,7 @@
 
 #![no_main]
 
+use consentry::engine::push_path_key as push_key;
 use consentry::engine::{ConsentAnswer, Direction, Policy, Report, StoreAnswers};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
@@ -146,28 +147,6 @@ fn store_answers(subjects: &[String], seed: u8) -> StoreAnswers {
         }
     }
     out
-}
-
-/// Normalized JSONPath edge for a key, as the decision log writes it.
-fn push_key(path: &mut String, k: &str) {
-    let plain = !k.is_empty()
-        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && !k.as_bytes()[0].is_ascii_digit();
-    if plain {
-        path.push('.');
-        path.push_str(k);
-    } else {
-        path.push_str("['");
-        for c in k.chars() {
-            match c {
-                '\'' => path.push_str("\\'"),
-                '\\' => path.push_str("\\\\"),
-                c if (c as u32) < 0x20 => path.push_str(&format!("\\u{:04x}", c as u32)),
-                c => path.push(c),
-            }
-        }
-        path.push_str("']");
-    }
 }
 
 fn index_nodes<'v>(v: &'v Value, path: &mut String, out: &mut HashMap<String, &'v Value>) {

@@ -18,6 +18,7 @@
 //!
 //! `PROPTEST_CASES` scales every property (CI uses the defaults below).
 
+use consentry::engine::push_path_key as push_key;
 use consentry::engine::{
     ConsentAnswer, Direction, Exchange, FieldDecision, HeaderVerdict, Policy, Report, StoreAnswers,
     Uninspectable, UninspectableKind,
@@ -885,28 +886,6 @@ fn run_headers(
 
 // ---------------------------------------------------------------------------------------
 // The oracle: what the output must be, given the input and the engine's decisions.
-
-/// Normalized JSONPath edge, as the decision log writes it.
-fn push_key(path: &mut String, k: &str) {
-    let plain = !k.is_empty()
-        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && !k.as_bytes()[0].is_ascii_digit();
-    if plain {
-        path.push('.');
-        path.push_str(k);
-    } else {
-        path.push_str("['");
-        for c in k.chars() {
-            match c {
-                '\'' => path.push_str("\\'"),
-                '\\' => path.push_str("\\\\"),
-                c if (c as u32) < 0x20 => path.push_str(&format!("\\u{:04x}", c as u32)),
-                c => path.push(c),
-            }
-        }
-        path.push_str("']");
-    }
-}
 
 fn index_nodes<'v>(v: &'v Value, path: &mut String, out: &mut HashMap<String, &'v Value>) {
     out.insert(path.clone(), v);

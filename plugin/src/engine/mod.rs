@@ -51,6 +51,12 @@ impl Direction {
     }
 }
 
+/// Appends one object key to a normalized JSONPath (`$.a`, `$['b c']`), as decision logs
+/// write field paths; for tools and tests that locate what a decision names.
+pub fn push_path_key(path: &mut String, key: &str) {
+    selector::push_edge(path, selector::Edge::Key(key));
+}
+
 /// Index of a service in the compiled policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ServiceId(pub(crate) usize);
