@@ -459,6 +459,38 @@ fn give(
     write_u32(caller, ret_size, data.len() as u32)
 }
 
+/// Answers a lookup: the value into module memory, or `NotFound`; traced either way.
+fn give_lookup(
+    caller: &mut Caller<'_, HostState>,
+    call: String,
+    value: Option<&[u8]>,
+    ret_ptr: i32,
+    ret_size: i32,
+) -> Result<i32> {
+    let found = value.is_some();
+    caller
+        .data_mut()
+        .note(|| format!("{call} -> {}", if found { "found" } else { "NotFound" }));
+    match value {
+        Some(v) => {
+            give(caller, v, ret_ptr, ret_size)?;
+            Ok(Status::Ok as i32)
+        }
+        None => Ok(Status::NotFound as i32),
+    }
+}
+
+/// A property path as the ABI passes it (segments separated by NUL), dotted.
+fn read_path(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Result<String> {
+    let raw = read(caller, ptr, len)?;
+    Ok(raw
+        .split(|b| *b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect::<Vec<_>>()
+        .join("."))
+}
+
 /// proxy-wasm header map serialisation: count, (key len, value len)*, then each key
 /// and value followed by a NUL.
 pub fn serialize_pairs(pairs: &[(String, String)]) -> Vec<u8> {
@@ -652,19 +684,13 @@ fn dispatch(name: &str, caller: &mut Caller<'_, HostState>, a: &[Val]) -> Result
                 return Ok(Status::BadArgument as i32);
             };
             let value = map.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
-            caller.data_mut().note(|| {
-                format!(
-                    "get_header_map_value({kind}, {key}) -> {}",
-                    if value.is_some() { "found" } else { "NotFound" }
-                )
-            });
-            match value {
-                Some(v) => {
-                    give(caller, v.as_bytes(), arg(3), arg(4))?;
-                    ok
-                }
-                None => Ok(Status::NotFound as i32),
-            }
+            give_lookup(
+                caller,
+                format!("get_header_map_value({kind}, {key})"),
+                value.as_deref().map(str::as_bytes),
+                arg(3),
+                arg(4),
+            )
         }
         "proxy_replace_header_map_value" | "proxy_add_header_map_value" => {
             let kind = arg(0);
@@ -707,36 +733,18 @@ fn dispatch(name: &str, caller: &mut Caller<'_, HostState>, a: &[Val]) -> Result
             ok
         }
         "proxy_get_property" => {
-            let raw = read(caller, arg(0), arg(1))?;
-            let path = raw
-                .split(|b| *b == 0)
-                .filter(|p| !p.is_empty())
-                .map(|p| String::from_utf8_lossy(p).into_owned())
-                .collect::<Vec<_>>()
-                .join(".");
+            let path = read_path(caller, arg(0), arg(1))?;
             let value = caller.data().property(&path);
-            caller.data_mut().note(|| {
-                format!(
-                    "get_property({path}) -> {}",
-                    if value.is_some() { "found" } else { "NotFound" }
-                )
-            });
-            match value {
-                Some(v) => {
-                    give(caller, &v, arg(2), arg(3))?;
-                    ok
-                }
-                None => Ok(Status::NotFound as i32),
-            }
+            give_lookup(
+                caller,
+                format!("get_property({path})"),
+                value.as_deref(),
+                arg(2),
+                arg(3),
+            )
         }
         "proxy_set_property" => {
-            let raw = read(caller, arg(0), arg(1))?;
-            let path = raw
-                .split(|b| *b == 0)
-                .filter(|p| !p.is_empty())
-                .map(|p| String::from_utf8_lossy(p).into_owned())
-                .collect::<Vec<_>>()
-                .join(".");
+            let path = read_path(caller, arg(0), arg(1))?;
             let value = read_str(caller, arg(2), arg(3))?;
             caller.data_mut().note(|| format!("set_property({path})"));
             // Envoy stores it as filter state `wasm.<path>`.
@@ -750,20 +758,17 @@ fn dispatch(name: &str, caller: &mut Caller<'_, HostState>, a: &[Val]) -> Result
         "proxy_get_shared_data" => {
             let key = read_str(caller, arg(0), arg(1))?;
             let entry = caller.data().shared.get(&key).cloned();
-            caller.data_mut().note(|| {
-                format!(
-                    "get_shared_data({key}) -> {}",
-                    if entry.is_some() { "found" } else { "NotFound" }
-                )
-            });
-            match entry {
-                Some((v, cas)) => {
-                    give(caller, &v, arg(2), arg(3))?;
-                    write_u32(caller, arg(4), cas)?;
-                    ok
-                }
-                None => Ok(Status::NotFound as i32),
+            let status = give_lookup(
+                caller,
+                format!("get_shared_data({key})"),
+                entry.as_ref().map(|(v, _)| v.as_slice()),
+                arg(2),
+                arg(3),
+            )?;
+            if let Some((_, cas)) = entry {
+                write_u32(caller, arg(4), cas)?;
             }
+            Ok(status)
         }
         "proxy_set_shared_data" => {
             let key = read_str(caller, arg(0), arg(1))?;
