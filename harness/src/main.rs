@@ -616,6 +616,8 @@ fn explain(x: &Replayed, policy: &Value) -> Value {
             "recipient_purposes": purposes,
             "outcome": dec.get("outcome"),
             "detail": dec.get("detail"),
+            "inspected": dec.get("inspected").and_then(Value::as_bool).unwrap_or(true),
+            "allowed_categories": dec.get("allowed_categories").cloned().unwrap_or_else(|| Value::Array(Vec::new())),
             "fields": fields,
         }));
     }
@@ -663,6 +665,22 @@ fn print_explained(x: &Replayed, e: &Value) {
                 purposes.join(", ")
             }
         );
+        if d.get("inspected").and_then(Value::as_bool) == Some(false) {
+            println!("  not read: the recipient may receive every category of this route whatever the consent (log.every_field lists each field)");
+            for g in d
+                .get("allowed_categories")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                println!(
+                    "  [{}]  allowed by {} on basis {}",
+                    s(g, "category"),
+                    s(g, "purpose"),
+                    s(g, "basis")
+                );
+            }
+        }
         for f in d
             .get("fields")
             .and_then(Value::as_array)

@@ -395,6 +395,11 @@ pub struct CategorySummary {
     /// For allowed fields: the purpose that allowed them.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub allowed_purposes: BTreeMap<String, usize>,
+    /// Messages that were not read because the recipient may have every category of
+    /// their route (`inspected: false`): counted once per message in `allowed_bases` and
+    /// `allowed_purposes`, never as field decisions; their subjects are unknown.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unread_messages: usize,
     /// Messages refused because of this category (`blocked_categories`).
     pub blocked_messages: usize,
     pub first_seen: Option<String>,
@@ -502,6 +507,10 @@ struct FlowAcc {
     subjects: HashSet<String>,
     categories: BTreeMap<String, CategoryAcc>,
     span: Span,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn bump(map: &mut BTreeMap<String, usize>, key: &str, n: usize) {
@@ -655,6 +664,25 @@ pub fn build(entries: &[Value], opts: &ReportOptions) -> Report {
             if let Some(subject) = text_of(f, "subject") {
                 cat.subjects.insert(subject.clone());
                 acc.subjects.insert(subject);
+            }
+        }
+
+        // A message decided from its headers: the grants of each category of its route.
+        if opts.include_allowed {
+            let grants = obj.get("allowed_categories").and_then(Value::as_array);
+            for g in grants.into_iter().flatten() {
+                let Some(c) = g.get("category").and_then(Value::as_str) else {
+                    continue;
+                };
+                let cat = acc.categories.entry(c.to_owned()).or_default();
+                cat.span.see(time.as_ref());
+                let s = &mut cat.sum;
+                s.unread_messages += 1;
+                let basis = g.get("basis").and_then(Value::as_str).unwrap_or("(none)");
+                bump(&mut s.allowed_bases, basis, 1);
+                if let Some(p) = g.get("purpose").and_then(Value::as_str) {
+                    bump(&mut s.allowed_purposes, p, 1);
+                }
             }
         }
 
@@ -1528,6 +1556,49 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("strip 250"), "{text}");
+    }
+
+    #[test]
+    fn unread_messages_count_their_grants_once_per_category() {
+        let mut e = entry(
+            "r1",
+            "2026-11-22T10:00:00.000Z",
+            "support",
+            "profile",
+            "allowed",
+        );
+        e["inspected"] = json!(false);
+        e["fields"] = json!([]);
+        e["counts"] = json!({});
+        e["allowed_categories"] = json!([
+            {"category": "user.name", "purpose": "essential.account", "basis": "contract"},
+            {"category": "user.contact.email", "purpose": "essential.account", "basis": "contract"},
+        ]);
+        let mut e2 = e.clone();
+        e2["request_id"] = json!("r2");
+        let hidden = build(&[e.clone(), e2.clone()], &ReportOptions::default());
+        assert!(
+            hidden.flows.is_empty(),
+            "allowed flows are listed only on request"
+        );
+        let r = build(
+            &[e, e2],
+            &ReportOptions {
+                include_allowed: true,
+            },
+        );
+        let f = &r.flows[0];
+        assert_eq!(f.outcomes.allowed, 2);
+        assert_eq!(f.categories.len(), 2);
+        let name = f
+            .categories
+            .iter()
+            .find(|c| c.category == "user.name")
+            .unwrap();
+        assert_eq!((name.unread_messages, name.decisions), (2, 0));
+        assert_eq!(name.allowed_bases.get("contract"), Some(&2));
+        assert_eq!(name.allowed_purposes.get("essential.account"), Some(&2));
+        assert_eq!(name.subjects, 0);
     }
 
     #[test]

@@ -444,14 +444,19 @@ impl Stream {
         if self.replied {
             return Action::Continue;
         }
-        let covered = policy.binding_for(d, &ex.method, &ex.path).is_some();
+        let binding = policy.binding_for(d, &ex.method, &ex.path);
         let side = self.side(d);
-        side.covered = covered;
+        side.covered = binding.is_some();
         side.content_type = first(&headers, "content-type").map(str::to_string);
         side.content_encoding = first(&headers, "content-encoding").map(str::to_string);
-        if !covered {
+        let Some(binding) = binding else {
             side.done = true;
             return Action::Continue;
+        };
+        if let Some(grants) = policy.unread_grants(binding, ex.recipient(d).service) {
+            // Nothing in this message could be changed: log the grants, do not buffer.
+            side.report.unread = Some(grants);
+            return self.finish(d, None);
         }
         let plan = policy.plan_headers(&ex, d, &headers);
         let mut answers = StoreAnswers::new();

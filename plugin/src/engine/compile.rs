@@ -4,6 +4,7 @@
 //! where it is (a JSON Pointer into the policy) and what to do about it. A policy with
 //! any error never half-loads: there is no partially compiled `Policy`.
 
+use super::decision::Grant;
 use super::policy::{
     ActionSpec, ConsentStore, DirectionSpec, FailMode, LegalBasis, MaskSpec, MessageSubject, Mode,
     PolicyFile, Undeclared,
@@ -163,6 +164,9 @@ pub(crate) struct CConsentHeader {
     pub trusted: Vec<ServiceId>,
 }
 
+/// `(category, purpose)` pairs: what lets a recipient have each category of a binding.
+type OpenGrants = Vec<(usize, usize)>;
+
 /// A compiled policy. Built once per configuration; read-only afterwards.
 #[derive(Debug)]
 pub struct Policy {
@@ -186,6 +190,10 @@ pub struct Policy {
     pub(crate) consent_header: Option<CConsentHeader>,
     pub(crate) store: Option<StoreConfig>,
     pub(crate) bindings: Vec<CBinding>,
+    /// `[binding][service]`: when the service may receive every category the binding
+    /// declares under a purpose whose legal basis holds whatever the consent, that
+    /// purpose for each category, `(category, purpose)`; such messages need no reading.
+    pub(crate) open: Vec<Vec<Option<OpenGrants>>>,
     pub(crate) hash_key: Option<Vec<u8>>,
     pub(crate) subject_key: Option<Vec<u8>>,
 }
@@ -577,7 +585,7 @@ impl Policy {
         }
 
         // Per service and category, the purposes that allow it, in preference order.
-        let services = service_names
+        let services: Vec<CService> = service_names
             .iter()
             .zip(&service_purposes)
             .map(|(name, ps)| CService {
@@ -631,6 +639,21 @@ impl Policy {
         if !errs.0.is_empty() {
             return Err(PolicyErrors(errs.0));
         }
+        let open = bindings
+            .iter()
+            .map(|b| {
+                services
+                    .iter()
+                    .map(|s| {
+                        let reads_anyway =
+                            file.log.every_field || file.undeclared == Undeclared::Strip;
+                        (!reads_anyway)
+                            .then(|| open_grants(b, s, &purposes))
+                            .flatten()
+                    })
+                    .collect()
+            })
+            .collect();
         Ok(Policy {
             name: file.name.clone(),
             mode: file.mode,
@@ -655,6 +678,7 @@ impl Policy {
             consent_header,
             store,
             bindings,
+            open,
             hash_key,
             subject_key,
         })
@@ -718,6 +742,28 @@ impl Policy {
             .map(BindingId)
     }
 
+    /// When the message's recipient may receive every category its binding declares
+    /// whatever the subjects' consent (and undeclared data passes, and the policy does not
+    /// ask for every field to be listed): the purpose and basis for each category. Such a
+    /// message is decided from its headers: nothing in its body could be changed.
+    pub fn unread_grants(
+        &self,
+        binding: BindingId,
+        recipient: Option<ServiceId>,
+    ) -> Option<Vec<Grant>> {
+        let grants = self.open.get(binding.0)?.get(recipient?.0)?.as_ref()?;
+        Some(
+            grants
+                .iter()
+                .map(|&(c, p)| Grant {
+                    category: self.categories[c].clone(),
+                    purpose: self.purposes[p].name.clone(),
+                    basis: self.purposes[p].basis.as_str(),
+                })
+                .collect(),
+        )
+    }
+
     pub fn binding_name(&self, id: BindingId) -> &str {
         &self.bindings[id.0].name
     }
@@ -726,6 +772,30 @@ impl Policy {
     pub fn message_subject(&self, id: BindingId) -> Option<&MessageSubject> {
         self.bindings[id.0].message_subject.as_ref()
     }
+}
+
+/// For each category a binding declares (fields, headers, query; first mention first),
+/// the first purpose of the service that allows it on a basis other than consent; `None`
+/// when some category has no such purpose, so the message must be read.
+fn open_grants(b: &CBinding, s: &CService, purposes: &[CPurpose]) -> Option<OpenGrants> {
+    let mut out = OpenGrants::new();
+    let categories = b
+        .fields
+        .iter()
+        .map(|f| f.category)
+        .chain(b.headers.iter().map(|h| h.category))
+        .chain(b.query.iter().map(|q| q.category));
+    for c in categories {
+        if out.iter().any(|&(seen, _)| seen == c) {
+            continue;
+        }
+        let p = s.grants[c]
+            .iter()
+            .copied()
+            .find(|&p| purposes[p].basis != LegalBasis::Consent)?;
+        out.push((c, p));
+    }
+    Some(out)
 }
 
 /// `/v1/customers` covers `/v1/customers`, `/v1/customers/42` and `/v1/customers?x`,

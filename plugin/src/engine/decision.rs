@@ -68,6 +68,15 @@ impl FieldDecision {
     }
 }
 
+/// What lets a recipient receive one category whatever the subject's consent: logged for
+/// a message decided from its headers alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Grant {
+    pub category: String,
+    pub purpose: String,
+    pub basis: &'static str,
+}
+
 /// The log entry of one message.
 #[derive(Debug, Clone, Serialize)]
 pub struct DecisionLog {
@@ -93,6 +102,14 @@ pub struct DecisionLog {
     /// Categories that caused a block.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub blocked_categories: Vec<String>,
+    /// False when the body was not read because the recipient may receive every
+    /// category the binding declares whatever the consent (see `allowed_categories`).
+    #[serde(skip_serializing_if = "is_true")]
+    pub inspected: bool,
+    /// For a message not inspected: each category of its binding, with the purpose and
+    /// legal basis that let the recipient have it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allowed_categories: Vec<Grant>,
     pub fields: Vec<FieldDecision>,
     /// Decisions left out of `fields` to bound the entry's size (see `counts`).
     #[serde(skip_serializing_if = "is_zero")]
@@ -130,6 +147,10 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
 /// Prefix of every decision log line the filter writes to the proxy's log; what follows
 /// is the entry's JSON. Log pipelines and `consentry report` find entries by it.
 pub const LOG_PREFIX: &str = "consentry.decision ";
@@ -145,7 +166,10 @@ impl DecisionLog {
 
     /// Whether anything in the message belonged to the policy.
     pub fn touched(&self) -> bool {
-        !self.fields.is_empty() || self.fields_omitted > 0 || self.outcome != Outcome::Allowed
+        !self.fields.is_empty()
+            || self.fields_omitted > 0
+            || self.outcome != Outcome::Allowed
+            || !self.inspected
     }
 }
 

@@ -4,7 +4,7 @@
 use super::actions::{hash_value, mask_value, percent_decode, percent_encode, subject_pseudonym};
 use super::compile::{Action, CBinding, CNamed, Policy};
 use super::consent::{granted, ConsentAnswer, HeaderConsent, StoreAnswers};
-use super::decision::{DecisionLog, FieldDecision, Outcome, Reason, MAX_LOGGED_FIELDS};
+use super::decision::{DecisionLog, FieldDecision, Grant, Outcome, Reason, MAX_LOGGED_FIELDS};
 use super::encoding;
 use super::policy::{FailMode, LegalBasis, MessageSubject, Mode, Undeclared};
 use super::selector::{push_edge, Edge, Selector};
@@ -117,13 +117,18 @@ pub struct Report {
     pub counts: BTreeMap<&'static str, usize>,
     /// Categories whose `block` action fired.
     pub blocked: BTreeSet<String>,
+    /// The message was decided from its headers: its recipient may receive every
+    /// category of its binding, for these purposes, whatever the consent.
+    pub unread: Option<Vec<Grant>>,
 }
 
 impl Report {
-    fn push(&mut self, d: FieldDecision) {
-        *self.counts.entry(d.action).or_default() += 1;
+    /// Counts one field decision; builds it (path string, names, pseudonym) only while
+    /// the entry has room for it, so a large batch pays for the decisions it logs.
+    fn record(&mut self, action: &'static str, build: impl FnOnce() -> FieldDecision) {
+        *self.counts.entry(action).or_default() += 1;
         if self.fields.len() < MAX_LOGGED_FIELDS {
-            self.fields.push(d);
+            self.fields.push(build());
         } else {
             self.omitted += 1;
         }
@@ -142,6 +147,9 @@ impl Report {
         }
         self.omitted += other.omitted;
         self.blocked.extend(other.blocked);
+        if other.unread.is_some() {
+            self.unread = other.unread;
+        }
     }
 
     pub fn is_blocked(&self) -> bool {
@@ -554,8 +562,9 @@ impl RecordWalk<'_, '_> {
                 if !v.allowed && action == "block" {
                     self.report.blocked.insert(category.clone());
                 }
-                let d = self.judge.decision(path.clone(), category, action, v);
-                self.report.push(d);
+                let judge = &self.judge;
+                self.report
+                    .record(action, || judge.decision(path.clone(), category, action, v));
             }
             if let Some(action) = worst {
                 if *action != Action::Block {
@@ -568,7 +577,8 @@ impl RecordWalk<'_, '_> {
         let undeclared_strip = policy.undeclared == Undeclared::Strip && !covered;
         let is_container = matches!(node, Value::Object(_) | Value::Array(_));
         if undeclared_strip && (states.is_empty() || !is_container) {
-            self.report.push(FieldDecision {
+            let pseudonym = &self.judge.pseudonym;
+            self.report.record("strip", || FieldDecision {
                 path: path.clone(),
                 category: "undeclared".into(),
                 action: "strip",
@@ -576,7 +586,7 @@ impl RecordWalk<'_, '_> {
                 purpose: None,
                 basis: None,
                 evidence: None,
-                subject: self.judge.pseudonym.clone(),
+                subject: pseudonym.clone(),
             });
             self.changed = true;
             return false;
@@ -925,12 +935,13 @@ impl Policy {
     ) -> (Vec<String>, bool) {
         let v = judge.decide(n.category);
         let category = &self.categories[n.category];
-        let path = format!("{what}:{}", n.name);
+        let path = || format!("{what}:{}", n.name);
         if v.allowed {
-            report.push(judge.decision(path, category, "allow", &v));
+            report.record("allow", || judge.decision(path(), category, "allow", &v));
             return (Vec::new(), false);
         }
-        report.push(judge.decision(path, category, n.action.as_str(), &v));
+        let action = n.action.as_str();
+        report.record(action, || judge.decision(path(), category, action, &v));
         if n.action == Action::Block {
             report.blocked.insert(category.clone());
             return (Vec::new(), false);
@@ -1196,6 +1207,8 @@ impl Policy {
             status,
             detail,
             blocked_categories: report.blocked.iter().cloned().collect(),
+            inspected: report.unread.is_none(),
+            allowed_categories: report.unread.clone().unwrap_or_default(),
             fields: report.fields.clone(),
             fields_omitted: report.omitted,
             counts: report.counts.clone(),

@@ -28,7 +28,7 @@ pub use consent::{
     cache_decode, cache_encode, parse_store_response, store_request_body, ConsentAnswer,
     HeaderConsent, StoreAnswers,
 };
-pub use decision::{DecisionLog, FieldDecision, Outcome, Reason, LOG_PREFIX};
+pub use decision::{DecisionLog, FieldDecision, Grant, Outcome, Reason, LOG_PREFIX};
 pub use eval::{
     BodyPlan, BodyVerdict, Exchange, HeaderPlan, HeaderVerdict, Party, Report, Uninspectable,
     UninspectableKind,

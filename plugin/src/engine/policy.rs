@@ -160,6 +160,12 @@ pub struct LogOptions {
     /// Also log messages the policy did not touch (no declared field present).
     #[serde(default)]
     pub untouched: bool,
+    /// Read and list every field of a message even when its recipient may receive
+    /// everything the binding declares whatever the subjects' consent. Off, such a
+    /// message is decided from its headers alone (its body is neither buffered nor
+    /// parsed) and its entry names the purpose and legal basis of each category.
+    #[serde(default)]
+    pub every_field: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

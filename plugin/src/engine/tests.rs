@@ -971,3 +971,88 @@ fn the_consent_cache_is_bounded_and_keyed_by_pseudonym() {
     let (key, id) = p.cache_slot("c-secret");
     assert!(!key.contains("c-secret") && !id.contains("c-secret") && id.starts_with("s1:"));
 }
+
+// --- Deciding at headers: recipients that may have everything ---
+
+fn unread(p: &Policy, cluster: &str) -> Option<Vec<Grant>> {
+    let b = p.binding_for(Direction::Request, "POST", "/v1/customers")?;
+    p.unread_grants(b, p.identify_upstream(Some(cluster), None).service)
+}
+
+#[test]
+fn a_recipient_allowed_every_category_without_consent_is_decided_at_headers() {
+    let p = policy();
+    let grants = unread(&p, "crm").expect("crm may have every category of the batch");
+    let cats: Vec<&str> = grants.iter().map(|g| g.category.as_str()).collect();
+    // Fields first, in policy order, then the header's and the query's (already seen).
+    assert_eq!(
+        cats,
+        [
+            "user.contact.email",
+            "user.name",
+            "user.government_id",
+            "user.contact.phone_number",
+            "user.health",
+            "user.demographic.age"
+        ]
+    );
+    assert!(grants
+        .iter()
+        .all(|g| g.purpose == "essential.account" && g.basis == "contract"));
+    // Some category missing (stats), or allowed only with consent (mailer): read it.
+    assert_eq!(unread(&p, "stats"), None);
+    assert_eq!(unread(&p, "mailer"), None);
+    assert_eq!(unread(&p, "nothing"), None);
+    // An unknown recipient gets nothing without reading.
+    let b = p
+        .binding_for(Direction::Request, "POST", "/v1/customers")
+        .unwrap();
+    assert_eq!(p.unread_grants(b, None), None);
+}
+
+#[test]
+fn a_consent_purpose_first_does_not_stop_a_later_basis_that_always_holds() {
+    let p = compile(&policy_json(json!({
+        "services": {
+            "crm": { "clusters": ["crm"], "purposes": ["marketing.all", "essential.account"] }
+        },
+        "purposes": {
+            "marketing.all": { "basis": "consent", "consent_key": "k", "allows": ["user"] },
+            "essential.account": { "basis": "contract", "allows": ["user"] }
+        },
+        "consent": {}
+    })));
+    let grants = unread(&p, "crm").unwrap();
+    assert!(grants.iter().all(|g| g.purpose == "essential.account"));
+}
+
+#[test]
+fn every_field_logging_or_undeclared_strip_reads_every_body() {
+    let listed = compile(&policy_json(json!({ "log": { "every_field": true } })));
+    assert_eq!(unread(&listed, "crm"), None);
+    let strict = compile(&policy_json(json!({ "undeclared": "strip" })));
+    assert_eq!(unread(&strict, "crm"), None);
+}
+
+#[test]
+fn an_unread_message_is_logged_with_its_grants() {
+    let p = policy();
+    let ex = exchange(&p, "gateway", "crm", "/v1/customers", &[]);
+    let report = Report {
+        unread: unread(&p, "crm"),
+        ..Report::default()
+    };
+    let log = p.decision_log(&ex, Direction::Request, &report, None, 0);
+    assert!(log.touched());
+    assert_eq!(log.outcome, Outcome::Allowed);
+    let v: Value = serde_json::from_str(&log.to_json()).unwrap();
+    assert_eq!(v["inspected"], json!(false));
+    assert_eq!(
+        v["allowed_categories"][0],
+        json!({"category": "user.contact.email", "purpose": "essential.account", "basis": "contract"})
+    );
+    // An inspected message's entry does not carry the key.
+    let read = p.decision_log(&ex, Direction::Request, &Report::default(), None, 0);
+    let v: Value = serde_json::from_str(&read.to_json()).unwrap();
+    assert!(v.get("inspected").is_none() && v.get("allowed_categories").is_none());
+}
