@@ -244,6 +244,10 @@ _MTLS_BLOCK = re.compile(r"^[ \t]*# BEGIN mtls\n.*?^[ \t]*# END mtls\n", re.M | 
 # the wasm filter. Dropped for the variant without the hold (hold=False).
 _HOLD_BLOCK = re.compile(
     r"^[ \t]*# Response hold\..*?(?=^[ \t]*- name: envoy\.filters\.http\.wasm\n)", re.M | re.S)
+# The buffer filter after consentry: its comment and its filter entry, up to the router.
+# Dropped for the variant without it (buffer=False: a bare router, the load baseline).
+_BUFFER_BLOCK = re.compile(
+    r"^[ \t]*# After consentry:.*?(?=^[ \t]*- name: envoy\.filters\.http\.router\n)", re.M | re.S)
 
 
 def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
@@ -251,7 +255,8 @@ def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
                      wasm_path: str | Path | None = None, policy_text: str | None = None,
                      hash_key: str | None = None, subject_key: str | None = None,
                      mtls_port: int | None = None, tls_files: dict | None = None,
-                     template: str | Path = TEMPLATE, hold: bool = True) -> str:
+                     template: str | Path = TEMPLATE, hold: bool = True,
+                     buffer: bool = True, filter_lua: str | None = None) -> str:
     """The Envoy bootstrap as YAML text.
 
     `ports` maps every name in services.ALL_SERVICES to its port on 127.0.0.1.
@@ -260,8 +265,18 @@ def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
     server_key) the second listener, ingress_mtls, is rendered; without, it is left out.
     With hold=False the Lua response hold in front of consentry is left out (a blocked
     response is then cut off instead of replaced: see README.md, "Deploying").
+    With buffer=False the buffer filter after consentry is left out (envoy/bench/run's
+    bare-router baseline). With wasm=False and filter_lua, a Lua filter
+    (envoy.filters.http.lua) with that source code takes the consentry block's place,
+    before the buffer filter (envoy/bench/run's `lua-gsub` comparison).
     """
     text = Path(template).read_text()
+    if not buffer:
+        text, n = _BUFFER_BLOCK.subn("", text)
+        if n != 1 or "envoy.filters.http.buffer" in text:
+            raise ValueError("template has no single buffer filter before the router")
+    if filter_lua is not None and wasm:
+        raise ValueError("filter_lua takes the consentry filter's place: it needs wasm=False")
     if not hold:
         text, n = _HOLD_BLOCK.subn("", text)
         if n != 1 or "envoy.filters.http.lua" in text:
@@ -278,7 +293,7 @@ def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
         if wasm_path is None or policy_text is None or not hash_key or not subject_key:
             raise ValueError("wasm variant needs wasm_path, policy_text, hash_key, subject_key")
     else:
-        text, n = _WASM_BLOCK.subn("", text)
+        text, n = _WASM_BLOCK.subn(lambda m: _lua_filter(m.group(0), filter_lua), text)
         if n != 1:
             raise ValueError("template has no single '# BEGIN consentry' ... '# END consentry' block")
         wasm_path, policy_text, hash_key, subject_key = "", "", "", ""
@@ -303,6 +318,21 @@ def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
     # JSON scalars are valid YAML flow scalars: strings come out quoted and escaped.
     subst = {k: json.dumps(v) for k, v in values.items()}
     return string.Template(text).substitute(subst)
+
+
+def _lua_filter(block: str, source: str | None) -> str:
+    """What replaces the consentry block: nothing, or a Lua filter entry with `source`,
+    indented like the block. The source is a JSON string (a valid YAML double-quoted
+    scalar), its dollar signs doubled for the string.Template substitution that follows."""
+    if source is None:
+        return ""
+    indent = block[:len(block) - len(block.lstrip(" \t"))]
+    code = json.dumps(source).replace("$", "$$")
+    return (f"{indent}- name: envoy.filters.http.lua\n"
+            f"{indent}  typed_config:\n"
+            f"{indent}    \"@type\": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua\n"
+            f"{indent}    default_source_code:\n"
+            f"{indent}      inline_string: {code}\n")
 
 
 # --------------------------------------------------------------------------------------
