@@ -130,6 +130,7 @@ impl RootContext for Root {
             entries: Vec::new(),
             worst: None,
             replied: false,
+            uncovered: false,
         }))
     }
 
@@ -181,6 +182,9 @@ struct Stream {
     entries: Vec<String>,
     worst: Option<crate::engine::Outcome>,
     replied: bool,
+    /// No binding covers this exchange in either direction: every later callback
+    /// returns at once.
+    uncovered: bool,
 }
 
 fn header_map(map: MapType) -> Result<Vec<(String, String)>, abi::HostError> {
@@ -392,6 +396,40 @@ impl Stream {
     }
 
     /// Headers of either direction.
+    /// Traffic no binding covers, in either direction, costs two header reads: it is
+    /// recognised from `:method` and `:path` alone, before any other header, property or
+    /// allocation, and the rest of the exchange is not looked at. (The consent header
+    /// is still removed: it is never for the upstream.) Anything unexpected, such as a
+    /// header the host cannot give, takes the full path, which refuses what it cannot read.
+    fn skip_uncovered(&mut self) -> bool {
+        let Some(policy) = self.policy.clone() else {
+            return false;
+        };
+        let (Ok(Some(method)), Ok(Some(path))) = (
+            abi::get_map_value(MapType::HttpRequestHeaders, ":method"),
+            abi::get_map_value(MapType::HttpRequestHeaders, ":path"),
+        ) else {
+            return false;
+        };
+        if policy
+            .binding_for(Direction::Request, &method, &path)
+            .is_some()
+            || policy
+                .binding_for(Direction::Response, &method, &path)
+                .is_some()
+        {
+            return false;
+        }
+        if let Some(name) = policy.consent_header() {
+            if self.enforcing() && abi::remove_map_value(MapType::HttpRequestHeaders, name).is_err()
+            {
+                return false;
+            }
+        }
+        self.uncovered = true;
+        true
+    }
+
     fn on_headers(&mut self, d: Direction, end_of_stream: bool) -> Action {
         let Some(policy) = self.policy.clone() else {
             return self.no_policy();
@@ -760,32 +798,44 @@ impl Context for Stream {
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        if self.skip_uncovered() {
+            return Action::Continue;
+        }
         self.on_headers(Direction::Request, end_of_stream)
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.uncovered {
+            return Action::Continue;
+        }
         self.on_body(Direction::Request, size, end_of_stream)
     }
 
     fn on_http_request_trailers(&mut self, _n: usize) -> Action {
+        if self.uncovered {
+            return Action::Continue;
+        }
         self.on_trailers(Direction::Request)
     }
 
     fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
-        if self.replied {
+        if self.replied || self.uncovered {
             return Action::Continue;
         }
         self.on_headers(Direction::Response, end_of_stream)
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        if self.replied {
+        if self.replied || self.uncovered {
             return Action::Continue;
         }
         self.on_body(Direction::Response, size, end_of_stream)
     }
 
     fn on_http_response_trailers(&mut self, _n: usize) -> Action {
+        if self.uncovered {
+            return Action::Continue;
+        }
         self.on_trailers(Direction::Response)
     }
 }

@@ -187,3 +187,20 @@ def test_unconsented_ids_do_not_reach_the_recipient_through_the_header(stack):
     rec = stack.recorded("marketing")[0]
     leaked = [(k, v) for k, v in rec["headers"] if b in v]
     assert not leaked, f"{b} (no consent for marketing) reached marketing in headers {leaked}"
+
+
+def test_the_header_is_removed_on_routes_no_binding_covers(stack):
+    """Uncovered traffic is let through after reading :method and :path alone, but the
+    consent header still never reaches an upstream: it names subjects."""
+    a = fresh_id()
+    value = consent_header_value({a: ["marketing_email"]})
+    r, rid = stack.send("marketing", "POST", "/v1/metrics", caller="gateway",
+                        body={"customers": [record(a)]}, headers={CONSENT_HEADER: value})
+    assert r.status == 200, r.text()
+    rec = stack.recorded("marketing")[0]
+    assert rec["path"] == "/v1/metrics"
+    names = [k.lower() for k, _ in rec["headers"]]
+    assert CONSENT_HEADER not in names, rec["headers"]
+    # The body passed as sent (nothing covers the route) and nothing was logged for it.
+    assert a in rec["body"]
+    assert stack.decisions(rid, timeout=0.5) == []
