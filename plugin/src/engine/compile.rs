@@ -5,6 +5,7 @@
 //! any error never half-loads: there is no partially compiled `Policy`.
 
 use super::decision::Grant;
+use super::matcher::Matcher;
 use super::policy::{
     ActionSpec, ConsentStore, DirectionSpec, FailMode, LegalBasis, MaskSpec, MessageSubject, Mode,
     PolicyFile, Undeclared,
@@ -144,6 +145,8 @@ pub(crate) struct CBinding {
     pub subject: Option<Selector>,
     pub consent: Option<Selector>,
     pub fields: Vec<CField>,
+    /// One automaton over all of `fields`' selectors, for the body walk.
+    pub matcher: Matcher,
     pub message_subject: Option<MessageSubject>,
     pub headers: Vec<CNamed>,
     pub query: Vec<CNamed>,
@@ -565,6 +568,7 @@ impl Policy {
             }
             needs_subject_key |= subject.is_some();
             if let Some(records) = records {
+                let matcher = Matcher::new(fields.iter().map(|f| &f.selector));
                 bindings.push(CBinding {
                     name: m.name.clone(),
                     paths: m.paths.clone(),
@@ -574,6 +578,7 @@ impl Policy {
                     subject,
                     consent,
                     fields,
+                    matcher,
                     message_subject: m.message_subject.as_ref().map(|ms| match ms {
                         MessageSubject::Header(h) => MessageSubject::Header(h.to_ascii_lowercase()),
                         q => q.clone(),

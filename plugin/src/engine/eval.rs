@@ -6,6 +6,7 @@ use super::compile::{Action, CBinding, CNamed, Policy};
 use super::consent::{granted, ConsentAnswer, HeaderConsent, StoreAnswers};
 use super::decision::{DecisionLog, FieldDecision, Grant, Outcome, Reason, MAX_LOGGED_FIELDS};
 use super::encoding;
+use super::matcher::Cursor;
 use super::policy::{FailMode, LegalBasis, MessageSubject, Mode, Undeclared};
 use super::selector::{push_edge, Edge, Selector};
 use super::strict_json::StrictError;
@@ -530,19 +531,19 @@ impl RecordWalk<'_, '_> {
     fn visit(
         &mut self,
         node: &mut Value,
-        states: &[(usize, usize)],
+        state: &Cursor,
         mut covered: bool,
         path: &mut String,
     ) -> bool {
         let policy = self.judge.policy;
+        let matcher = &self.binding.matcher;
         let mut worst: Option<&Action> = None;
         let mut matched_any = false;
         let mut pending: Vec<(usize, Verdict)> = Vec::new();
-        for &(f, pos) in states {
+        // The fields whose selectors select this node, in field order, each once.
+        for &f in matcher.complete(state) {
+            let f = f as usize;
             let field = &self.binding.fields[f];
-            if !field.selector.is_complete(pos) || pending.iter().any(|(g, _)| *g == f) {
-                continue;
-            }
             matched_any = true;
             let v = self.judge.decide(field.category);
             if !v.allowed && worst.is_none_or(|w| field.action.severity() > w.severity()) {
@@ -576,7 +577,7 @@ impl RecordWalk<'_, '_> {
         }
         let undeclared_strip = policy.undeclared == Undeclared::Strip && !covered;
         let is_container = matches!(node, Value::Object(_) | Value::Array(_));
-        if undeclared_strip && (states.is_empty() || !is_container) {
+        if undeclared_strip && (state.is_dead() || !is_container) {
             let pseudonym = &self.judge.pseudonym;
             self.report.record("strip", || FieldDecision {
                 path: path.clone(),
@@ -591,29 +592,19 @@ impl RecordWalk<'_, '_> {
             self.changed = true;
             return false;
         }
-        if states.is_empty() && !undeclared_strip && !covered {
+        if state.is_dead() && !undeclared_strip && !covered {
             return true;
         }
-        let fields = &self.binding.fields;
-        let mut next: Vec<(usize, usize)> = Vec::new();
-        let step = |edge: Edge<'_>, next: &mut Vec<(usize, usize)>| {
-            next.clear();
-            for &(f, pos) in states {
-                fields[f]
-                    .selector
-                    .advance(pos, edge, &mut |q| next.push((f, q)));
-            }
-        };
         match node {
             Value::Object(map) => {
                 map.retain(|k, child| {
-                    step(Edge::Key(k), &mut next);
-                    if next.is_empty() && !undeclared_strip {
+                    let next = matcher.step(state, Edge::Key(k));
+                    if next.is_dead() && !undeclared_strip {
                         return true;
                     }
                     let len = path.len();
                     push_edge(path, Edge::Key(k));
-                    let keep = self.visit(child, &next.clone(), covered, path);
+                    let keep = self.visit(child, &next, covered, path);
                     path.truncate(len);
                     keep
                 });
@@ -622,13 +613,13 @@ impl RecordWalk<'_, '_> {
                 let n = items.len();
                 let mut i = 0;
                 items.retain_mut(|child| {
-                    step(Edge::Index(i, n), &mut next);
-                    let keep = if next.is_empty() && !undeclared_strip {
+                    let next = matcher.step(state, Edge::Index(i, n));
+                    let keep = if next.is_dead() && !undeclared_strip {
                         true
                     } else {
                         let len = path.len();
                         push_edge(path, Edge::Index(i, n));
-                        let keep = self.visit(child, &next.clone(), covered, path);
+                        let keep = self.visit(child, &next, covered, path);
                         path.truncate(len);
                         keep
                     };
@@ -1125,7 +1116,7 @@ impl Policy {
         };
         let binding = &self.bindings[plan.binding];
         let mut changed = false;
-        let initial: Vec<(usize, usize)> = (0..binding.fields.len()).map(|f| (f, 0)).collect();
+        let initial = binding.matcher.start();
         for rec in &plan.records {
             let Some(node) = get_path_mut(&mut doc, &rec.path) else {
                 continue;

@@ -19,6 +19,7 @@ mod decision;
 mod encoding;
 mod eval;
 mod jsonpath;
+mod matcher;
 pub mod policy;
 mod selector;
 mod strict_json;
