@@ -53,6 +53,10 @@ thread_local! {
 
 /// Increments a counter, defining it on first use. Shows as `wasmcustom.<name>`.
 fn count(name: &str) {
+    count_by(name, 1);
+}
+
+fn count_by(name: &str, n: usize) {
     let id = METRICS.with(|m| {
         if let Some(id) = m.borrow().get(name) {
             return Some(*id);
@@ -62,7 +66,7 @@ fn count(name: &str) {
         Some(id)
     });
     if let Some(id) = id {
-        let _ = abi::increment_metric(id, 1);
+        let _ = abi::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
 
@@ -257,13 +261,12 @@ impl Stream {
             "consentry.direction.{}.{outcome}",
             entry.direction
         ));
-        for f in &entry.fields {
-            if f.changed() {
-                count(&format!(
-                    "consentry.category.{}.{}",
-                    stat_part(&f.category),
-                    f.action
-                ));
+        for (category, action, n) in &entry.category_counts {
+            if *action != "allow" {
+                count_by(
+                    &format!("consentry.category.{}.{action}", stat_part(category)),
+                    *n,
+                );
             }
         }
         if let Some(detail) = &entry.detail {

@@ -124,3 +124,18 @@ def test_logs_never_hold_customer_values(stack):
         for f in d.get("fields", []):
             assert f.get("subject") not in ids, f
     json.dumps(stack.decisions())  # all parsed
+
+
+def test_category_counters_count_every_field_even_past_the_log_cap(stack):
+    """The decision entry lists at most 200 field decisions; the counters count them all."""
+    base = customers()["customers"][0]
+    records = [dict(base, id=f"c-cap-{i}", email=f"cap{i}@example.com") for i in range(120)]
+    before = stack.stats()
+    r, rid = stack.send("analytics", "POST", "/v1/events", caller="profile",
+                        body={"customers": records})
+    assert r.status == 200, r.text()
+    d = decision(stack, rid, "request")
+    assert d["fields_omitted"] > 0, "the batch should be larger than the log's cap"
+    after = stack.stats()
+    stripped = _delta(before, after, "wasmcustom.consentry.category.user.contact.email.strip")
+    assert stripped == 120, stripped

@@ -116,6 +116,10 @@ pub struct DecisionLog {
     pub fields_omitted: usize,
     /// Number of field decisions per action.
     pub counts: std::collections::BTreeMap<&'static str, usize>,
+    /// Number of field decisions per category and action, complete even when `fields`
+    /// was cut short: for the proxy's counters, not written to the log.
+    #[serde(skip)]
+    pub category_counts: Vec<(String, &'static str, usize)>,
 }
 
 /// Formats milliseconds since the Unix epoch as RFC 3339 UTC (`2026-11-22T10:43:59.123Z`),

@@ -12,6 +12,7 @@ use super::selector::{push_edge, Edge, Selector};
 use super::strict_json::StrictError;
 use super::{Direction, ServiceId};
 use serde_json::Value;
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Slots of the cross-VM consent cache (see [`Policy::cache_slot`]): at most this many
@@ -110,12 +111,18 @@ impl Uninspectable {
     }
 }
 
+/// The category index under which [`Report::by_category`] counts undeclared fields.
+pub const UNDECLARED: usize = usize::MAX;
+
 /// Field decisions of one message, bounded in size, with counts per action.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     pub fields: Vec<FieldDecision>,
     pub omitted: usize,
     pub counts: BTreeMap<&'static str, usize>,
+    /// Field decisions per (category index, action), complete even past the cap; an
+    /// undeclared field counts under [`UNDECLARED`].
+    pub by_category: BTreeMap<(usize, &'static str), usize>,
     /// Categories whose `block` action fired.
     pub blocked: BTreeSet<String>,
     /// The message was decided from its headers: its recipient may receive every
@@ -126,8 +133,14 @@ pub struct Report {
 impl Report {
     /// Counts one field decision; builds it (path string, names, pseudonym) only while
     /// the entry has room for it, so a large batch pays for the decisions it logs.
-    fn record(&mut self, action: &'static str, build: impl FnOnce() -> FieldDecision) {
+    fn record(
+        &mut self,
+        category: usize,
+        action: &'static str,
+        build: impl FnOnce() -> FieldDecision,
+    ) {
         *self.counts.entry(action).or_default() += 1;
+        *self.by_category.entry((category, action)).or_default() += 1;
         if self.fields.len() < MAX_LOGGED_FIELDS {
             self.fields.push(build());
         } else {
@@ -138,6 +151,9 @@ impl Report {
     pub fn merge(&mut self, other: Report) {
         for (action, n) in other.counts {
             *self.counts.entry(action).or_default() += n;
+        }
+        for (key, n) in other.by_category {
+            *self.by_category.entry(key).or_default() += n;
         }
         for d in other.fields {
             if self.fields.len() < MAX_LOGGED_FIELDS {
@@ -366,7 +382,9 @@ struct Judge<'a> {
     policy: &'a Policy,
     recipient: Option<usize>,
     subject: Option<&'a str>,
-    pseudonym: Option<String>,
+    /// The subject's keyed pseudonym, computed (an HMAC) only when a logged decision
+    /// needs it: past the log's cap a large batch needs none.
+    pseudonym: OnceCell<Option<String>>,
     record_consent: Option<&'a Value>,
     record_consent_path: Option<&'a str>,
     header: Option<&'a HeaderConsent>,
@@ -393,16 +411,22 @@ impl<'a> Judge<'a> {
             policy,
             recipient: ex.recipient(direction).service.map(|s| s.0),
             subject,
-            pseudonym: match (subject, &policy.subject_key) {
-                (Some(s), Some(k)) => Some(subject_pseudonym(k, s)),
-                _ => None,
-            },
+            pseudonym: OnceCell::new(),
             record_consent: None,
             record_consent_path: None,
             header: ex.header_consent.as_ref(),
             header_name: policy.consent_header().unwrap_or("consent-header"),
             store,
         }
+    }
+
+    fn pseudonym(&self) -> Option<String> {
+        self.pseudonym
+            .get_or_init(|| match (self.subject, &self.policy.subject_key) {
+                (Some(s), Some(k)) => Some(subject_pseudonym(k, s)),
+                _ => None,
+            })
+            .clone()
     }
 
     /// Whether the subject granted `key`, and the evidence for the answer.
@@ -494,7 +518,7 @@ impl<'a> Judge<'a> {
             purpose: purpose.map(|p| p.name.clone()),
             basis: purpose.map(|p| p.basis.as_str()),
             evidence: v.evidence.clone(),
-            subject: self.pseudonym.clone(),
+            subject: self.pseudonym(),
         }
     }
 
@@ -564,8 +588,9 @@ impl RecordWalk<'_, '_> {
                     self.report.blocked.insert(category.clone());
                 }
                 let judge = &self.judge;
-                self.report
-                    .record(action, || judge.decision(path.clone(), category, action, v));
+                self.report.record(field.category, action, || {
+                    judge.decision(path.clone(), category, action, v)
+                });
             }
             if let Some(action) = worst {
                 if *action != Action::Block {
@@ -578,8 +603,8 @@ impl RecordWalk<'_, '_> {
         let undeclared_strip = policy.undeclared == Undeclared::Strip && !covered;
         let is_container = matches!(node, Value::Object(_) | Value::Array(_));
         if undeclared_strip && (state.is_dead() || !is_container) {
-            let pseudonym = &self.judge.pseudonym;
-            self.report.record("strip", || FieldDecision {
+            let judge = &self.judge;
+            self.report.record(UNDECLARED, "strip", || FieldDecision {
                 path: path.clone(),
                 category: "undeclared".into(),
                 action: "strip",
@@ -587,7 +612,7 @@ impl RecordWalk<'_, '_> {
                 purpose: None,
                 basis: None,
                 evidence: None,
-                subject: pseudonym.clone(),
+                subject: judge.pseudonym(),
             });
             self.changed = true;
             return false;
@@ -928,11 +953,15 @@ impl Policy {
         let category = &self.categories[n.category];
         let path = || format!("{what}:{}", n.name);
         if v.allowed {
-            report.record("allow", || judge.decision(path(), category, "allow", &v));
+            report.record(n.category, "allow", || {
+                judge.decision(path(), category, "allow", &v)
+            });
             return (Vec::new(), false);
         }
         let action = n.action.as_str();
-        report.record(action, || judge.decision(path(), category, action, &v));
+        report.record(n.category, action, || {
+            judge.decision(path(), category, action, &v)
+        });
         if n.action == Action::Block {
             report.blocked.insert(category.clone());
             return (Vec::new(), false);
@@ -1202,6 +1231,17 @@ impl Policy {
             allowed_categories: report.unread.clone().unwrap_or_default(),
             fields: report.fields.clone(),
             fields_omitted: report.omitted,
+            category_counts: report
+                .by_category
+                .iter()
+                .map(|(&(c, action), &n)| {
+                    let name = match self.categories.get(c) {
+                        Some(name) => name.clone(),
+                        None => "undeclared".to_string(),
+                    };
+                    (name, action, n)
+                })
+                .collect(),
             counts: report.counts.clone(),
         }
     }

@@ -766,6 +766,17 @@ fn large_batches_keep_the_log_bounded() {
     assert_eq!(r.log.fields.len() + r.log.fields_omitted, 600);
     assert_eq!(r.log.counts.get("strip"), Some(&300));
     assert_eq!(r.log.counts.get("allow"), Some(&300));
+    // Per category (what the proxy's counters are made of) nothing is cut short.
+    let mut per_category = r.log.category_counts.clone();
+    per_category.sort();
+    assert_eq!(
+        per_category,
+        [
+            ("user.contact.email".to_string(), "strip", 300),
+            ("user.demographic.age".to_string(), "allow", 300)
+        ]
+    );
+    assert!(!r.log.to_json().contains("category_counts"));
 }
 
 #[test]
