@@ -494,9 +494,15 @@ impl Stream {
             side.done = true;
             return Action::Continue;
         };
-        if let Some(grants) = policy.unread_grants(binding, ex.recipient(d).service) {
-            // Nothing in this message could be changed: log the grants, do not buffer.
-            side.report.unread = Some(grants);
+        let recipient = ex.recipient(d).service;
+        if policy.decided_at_headers(binding, recipient) {
+            // Nothing in this message could be changed: do not buffer it. Logged (with
+            // the grants) only on request, like a message that held no declared data.
+            if !policy.log_untouched() {
+                side.done = true;
+                return Action::Continue;
+            }
+            side.report.unread = policy.unread_grants(binding, recipient);
             return self.finish(d, None);
         }
         let plan = policy.plan_headers(&ex, d, &headers);

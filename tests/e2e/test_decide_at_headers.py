@@ -1,10 +1,11 @@
 """Messages whose recipient may receive every category of their route, whatever the
 subjects' consent, are decided from their headers: the body is neither buffered nor
-parsed, reaches the recipient byte for byte, and the decision entry says so
-(`inspected: false`) with the purpose and legal basis of each category. In the example
-policy the profile service (essential.account, contract, allows `user`) is such a
-recipient. `log.every_field` turns this off for teams that want every field and subject
-pseudonym listed."""
+parsed and reaches the recipient byte for byte. Like a covered message that held no
+declared data, such a message is logged only with `log.untouched`; its entry then says
+`inspected: false` and gives the purpose and legal basis of each category. In the
+example policy the profile service (essential.account, contract, allows `user`) is such
+a recipient. `log.every_field` turns this off for teams that want every field and
+subject pseudonym listed."""
 
 from __future__ import annotations
 
@@ -33,6 +34,23 @@ def _unread_entry_ok(d: dict, recipient: str):
     assert all((g["purpose"], g["basis"]) == ("essential.account", "contract") for g in grants)
 
 
+def _policy_stack(tmp_path_factory, make_stack, name: str, log: dict):
+    policy = json.loads(ce.DEFAULT_POLICY.read_text())
+    policy["log"] = log
+    path = tmp_path_factory.mktemp(name) / f"acme-{name}.json"
+    path.write_text(json.dumps(policy, indent=2))
+    return make_stack(policy_file=path, mtls=False)
+
+
+@pytest.fixture(scope="module")
+def untouched_stack(tmp_path_factory, make_stack):
+    s = _policy_stack(tmp_path_factory, make_stack, "untouched", {"untouched": True})
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
 def test_request_to_a_recipient_allowed_everything_is_not_read(stack):
     # Odd but valid spacing: any re-serialisation by the filter would normalise it.
     raw = json.dumps(customers(), indent=3).encode()
@@ -44,7 +62,19 @@ def test_request_to_a_recipient_allowed_everything_is_not_read(stack):
     # The filter left the framing alone (it removes content-length only when it may
     # rewrite the body).
     assert header(rec, "content-length") == str(len(raw))
-    _unread_entry_ok(decision(stack, rid, "request"), "profile")
+    # Not logged by default: the policy alone let it through.
+    assert stack.decisions(rid, timeout=0.5) == []
+
+
+def test_with_log_untouched_the_unread_message_is_logged_with_its_grants(untouched_stack):
+    s = untouched_stack
+    s.clear()
+    raw = json.dumps(customers()).encode()
+    r, rid = s.send("profile", "POST", "/v1/customers", caller="support", body=raw,
+                    headers={"content-type": "application/json"})
+    assert r.status == 200, r.text()
+    assert only_request(s, "profile")["body"].encode() == raw
+    _unread_entry_ok(decision(s, rid, "request"), "profile")
 
 
 def test_an_unread_body_is_not_judged_at_all(stack):
@@ -56,7 +86,6 @@ def test_an_unread_body_is_not_judged_at_all(stack):
                         headers={"content-type": "application/json"})
     assert r.status == 200, r.text()
     assert only_request(stack, "profile")["body"].encode() == raw
-    _unread_entry_ok(decision(stack, rid, "request"), "profile")
     stack.clear()
     r, rid = stack.send("analytics", "POST", "/v1/events", caller="profile", body=raw,
                         headers={"content-type": "application/json"})
@@ -64,25 +93,23 @@ def test_an_unread_body_is_not_judged_at_all(stack):
     assert stack.recorded("analytics") == []
 
 
-def test_response_to_a_recipient_allowed_everything_is_not_held(stack):
+def test_response_to_a_recipient_allowed_everything_is_not_held(untouched_stack):
+    s = untouched_stack
+    s.clear()
     batch = customers()
     body = json.dumps(batch).encode()
-    stack.services.upstreams["billing"].respond(
+    s.services.upstreams["billing"].respond(
         "/v1/invoices", 200, {"content-type": "application/json"}, body)
-    r, rid = stack.send("billing", "GET", "/v1/invoices", caller="profile")
+    r, rid = s.send("billing", "GET", "/v1/invoices", caller="profile")
     assert r.status == 200, r.text()
     assert r.body == body
     assert r.header("x-consentry-hold") is None
-    _unread_entry_ok(decision(stack, rid, "response"), "profile")
+    _unread_entry_ok(decision(s, rid, "response"), "profile")
 
 
 @pytest.fixture(scope="module")
 def every_field_stack(tmp_path_factory, make_stack):
-    policy = json.loads(ce.DEFAULT_POLICY.read_text())
-    policy["log"] = {"every_field": True}
-    path = tmp_path_factory.mktemp("every-field") / "acme-every-field.json"
-    path.write_text(json.dumps(policy, indent=2))
-    s = make_stack(policy_file=path, mtls=False)
+    s = _policy_stack(tmp_path_factory, make_stack, "every-field", {"every_field": True})
     try:
         yield s
     finally:

@@ -747,10 +747,21 @@ impl Policy {
             .map(BindingId)
     }
 
-    /// When the message's recipient may receive every category its binding declares
+    /// Whether the message's recipient may receive every category its binding declares
     /// whatever the subjects' consent (and undeclared data passes, and the policy does not
-    /// ask for every field to be listed): the purpose and basis for each category. Such a
-    /// message is decided from its headers: nothing in its body could be changed.
+    /// ask for every field to be listed). Such a message is decided from its headers:
+    /// nothing in its body could be changed.
+    pub fn decided_at_headers(&self, binding: BindingId, recipient: Option<ServiceId>) -> bool {
+        recipient.is_some_and(|r| {
+            self.open
+                .get(binding.0)
+                .and_then(|b| b.get(r.0))
+                .is_some_and(Option::is_some)
+        })
+    }
+
+    /// For a message [`Policy::decided_at_headers`], the purpose and basis that let its
+    /// recipient have each category, for its log entry.
     pub fn unread_grants(
         &self,
         binding: BindingId,

@@ -168,12 +168,11 @@ impl DecisionLog {
         serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
     }
 
-    /// Whether anything in the message belonged to the policy.
+    /// Whether anything in the message belonged to the policy. A message decided at its
+    /// headers (`inspected: false`) is not: the policy alone let it through, whatever it
+    /// held, so it is logged only with `log.untouched`.
     pub fn touched(&self) -> bool {
-        !self.fields.is_empty()
-            || self.fields_omitted > 0
-            || self.outcome != Outcome::Allowed
-            || !self.inspected
+        !self.fields.is_empty() || self.fields_omitted > 0 || self.outcome != Outcome::Allowed
     }
 }
 

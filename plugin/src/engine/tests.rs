@@ -987,7 +987,10 @@ fn the_consent_cache_is_bounded_and_keyed_by_pseudonym() {
 
 fn unread(p: &Policy, cluster: &str) -> Option<Vec<Grant>> {
     let b = p.binding_for(Direction::Request, "POST", "/v1/customers")?;
-    p.unread_grants(b, p.identify_upstream(Some(cluster), None).service)
+    let recipient = p.identify_upstream(Some(cluster), None).service;
+    let grants = p.unread_grants(b, recipient);
+    assert_eq!(p.decided_at_headers(b, recipient), grants.is_some());
+    grants
 }
 
 #[test]
@@ -1054,7 +1057,8 @@ fn an_unread_message_is_logged_with_its_grants() {
         ..Report::default()
     };
     let log = p.decision_log(&ex, Direction::Request, &report, None, 0);
-    assert!(log.touched());
+    // Logged only with log.untouched: the policy alone let it through.
+    assert!(!log.touched());
     assert_eq!(log.outcome, Outcome::Allowed);
     let v: Value = serde_json::from_str(&log.to_json()).unwrap();
     assert_eq!(v["inspected"], json!(false));
