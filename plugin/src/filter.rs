@@ -470,7 +470,18 @@ impl Stream {
             let request_id = first(&headers, "x-request-id").map(str::to_string);
             let method = first(&headers, ":method").unwrap_or("");
             let path = first(&headers, ":path").unwrap_or("");
-            self.ex = Some(policy.exchange(request_id, method, path, caller, upstream, &headers));
+            let ex = policy.exchange(request_id, method, path, caller, upstream, &headers);
+            // Known now: a response that needs nothing from this filter (no binding
+            // covers it, or it goes to a caller that may have everything and is not to be
+            // logged) is let through without even reading its headers.
+            self.resp.done = match policy.binding_for(Direction::Response, method, path) {
+                None => true,
+                Some(b) => {
+                    !policy.log_untouched()
+                        && policy.decided_at_headers(b, ex.recipient(Direction::Response).service)
+                }
+            };
+            self.ex = Some(ex);
             // The consent header is a message from the gateway to this filter: it names
             // subjects, and the upstream has no purpose for it, trusted or not.
             if let Some(name) = policy.consent_header() {
@@ -828,7 +839,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
-        if self.replied || self.uncovered {
+        if self.replied || self.uncovered || self.resp.done {
             return Action::Continue;
         }
         self.on_headers(Direction::Response, end_of_stream)
