@@ -398,7 +398,6 @@ impl Stream {
         Ok(())
     }
 
-    /// Headers of either direction.
     /// Traffic no binding covers, in either direction, costs two header reads: it is
     /// recognised from `:method` and `:path` alone, before any other header, property or
     /// allocation, and the rest of the exchange is not looked at. (The consent header
@@ -433,6 +432,7 @@ impl Stream {
         true
     }
 
+    /// Headers of either direction.
     fn on_headers(&mut self, d: Direction, end_of_stream: bool) -> Action {
         let Some(policy) = self.policy.clone() else {
             return self.no_policy();

@@ -62,12 +62,6 @@ pub struct FieldDecision {
     pub subject: Option<String>,
 }
 
-impl FieldDecision {
-    pub fn changed(&self) -> bool {
-        self.action != "allow"
-    }
-}
-
 /// What lets a recipient receive one category whatever the subject's consent: logged for
 /// a message decided from its headers alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
