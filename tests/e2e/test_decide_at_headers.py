@@ -93,6 +93,20 @@ def test_an_unread_body_is_not_judged_at_all(stack):
     assert stack.recorded("analytics") == []
 
 
+def test_response_to_a_recipient_allowed_everything_passes_untouched_and_unlogged(stack):
+    """Known at the request: the response goes to a caller that may have everything, so
+    its headers are not even read (no hold, no content-length change, no entry)."""
+    body = json.dumps(customers(), indent=3).encode()
+    stack.services.upstreams["billing"].respond(
+        "/v1/invoices", 200, {"content-type": "application/json"}, body)
+    r, rid = stack.send("billing", "GET", "/v1/invoices", caller="profile")
+    assert r.status == 200, r.text()
+    assert r.body == body
+    assert r.header("content-length") == str(len(body))
+    assert r.header("x-consentry-hold") is None
+    assert stack.decisions(rid, timeout=0.5) == []
+
+
 def test_response_to_a_recipient_allowed_everything_is_not_held(untouched_stack):
     s = untouched_stack
     s.clear()
