@@ -474,7 +474,7 @@ impl Stream {
             // Known now: a response that needs nothing from this filter (no binding
             // covers it, or it goes to a caller that may have everything and is not to be
             // logged) is let through without even reading its headers.
-            self.resp.done = match policy.binding_for(Direction::Response, method, path) {
+            self.resp.done = match ex.binding(Direction::Response) {
                 None => true,
                 Some(b) => {
                     !policy.log_untouched()
@@ -496,7 +496,7 @@ impl Stream {
         if self.replied {
             return Action::Continue;
         }
-        let binding = policy.binding_for(d, &ex.method, &ex.path);
+        let binding = ex.binding(d);
         let side = self.side(d);
         side.covered = binding.is_some();
         side.content_type = first(&headers, "content-type").map(str::to_string);

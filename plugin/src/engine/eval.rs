@@ -10,7 +10,7 @@ use super::matcher::Cursor;
 use super::policy::{FailMode, LegalBasis, MessageSubject, Mode, Undeclared};
 use super::selector::{push_edge, Edge, Selector};
 use super::strict_json::StrictError;
-use super::{Direction, ServiceId};
+use super::{BindingId, Direction, ServiceId};
 use serde_json::Value;
 use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,9 +42,20 @@ pub struct Exchange {
     pub header_consent_note: Option<String>,
     /// Subject of header and query data, for the binding that covers the request.
     pub message_subject: Option<String>,
+    /// The binding that covers the request and the one that covers the response, found
+    /// once from the method and path.
+    bindings: [Option<BindingId>; 2],
 }
 
 impl Exchange {
+    /// The binding that covers the message in `direction`; `None`: it is not inspected.
+    pub fn binding(&self, direction: Direction) -> Option<BindingId> {
+        match direction {
+            Direction::Request => self.bindings[0],
+            Direction::Response => self.bindings[1],
+        }
+    }
+
     pub fn recipient(&self, direction: Direction) -> &Party {
         match direction {
             Direction::Request => &self.upstream,
@@ -727,6 +738,10 @@ impl Policy {
             header_consent: None,
             header_consent_note: None,
             message_subject: None,
+            bindings: [
+                self.binding_for(Direction::Request, method, path),
+                self.binding_for(Direction::Response, method, path),
+            ],
         };
         if let Some(h) = &self.consent_header {
             let values: Vec<&str> = headers
@@ -755,7 +770,7 @@ impl Policy {
                 }
             }
         }
-        if let Some(b) = self.binding_for(Direction::Request, method, path) {
+        if let Some(b) = ex.binding(Direction::Request) {
             ex.message_subject = match self.message_subject(b) {
                 Some(MessageSubject::Header(name)) => {
                     let mut vals = headers
@@ -845,7 +860,7 @@ impl Policy {
         headers: &[(String, String)],
     ) -> HeaderPlan {
         let mut plan = HeaderPlan::default();
-        let Some(b) = self.binding_for(direction, &ex.method, &ex.path) else {
+        let Some(b) = ex.binding(direction) else {
             return plan;
         };
         let binding = &self.bindings[b.0];
@@ -877,7 +892,7 @@ impl Policy {
         store: &StoreAnswers,
     ) -> HeaderVerdict {
         let mut verdict = HeaderVerdict::default();
-        let Some(b) = self.binding_for(direction, &ex.method, &ex.path) else {
+        let Some(b) = ex.binding(direction) else {
             return verdict;
         };
         let binding = &self.bindings[b.0];
@@ -989,7 +1004,7 @@ impl Policy {
         content_encoding: Option<&str>,
         body: &[u8],
     ) -> Result<BodyPlan, Uninspectable> {
-        let Some(b) = self.binding_for(direction, &ex.method, &ex.path) else {
+        let Some(b) = ex.binding(direction) else {
             return Ok(BodyPlan {
                 doc: None,
                 binding: 0,
@@ -1212,8 +1227,8 @@ impl Policy {
             time: super::decision::rfc3339_utc(time_ms),
             request_id: ex.request_id.clone(),
             policy: self.name.clone(),
-            binding: self
-                .binding_for(direction, &ex.method, &ex.path)
+            binding: ex
+                .binding(direction)
                 .map(|b| self.binding_name(b).to_string()),
             caller: ex.caller.label.clone(),
             recipient: ex.recipient(direction).label.clone(),
