@@ -134,7 +134,6 @@ impl RootContext for Root {
             entries: Vec::new(),
             worst: None,
             replied: false,
-            uncovered: false,
         }))
     }
 
@@ -186,9 +185,6 @@ struct Stream {
     entries: Vec<String>,
     worst: Option<crate::engine::Outcome>,
     replied: bool,
-    /// No binding covers this exchange in either direction: every later callback
-    /// returns at once.
-    uncovered: bool,
 }
 
 fn header_map(map: MapType) -> Result<Vec<(String, String)>, abi::HostError> {
@@ -428,7 +424,9 @@ impl Stream {
                 return false;
             }
         }
-        self.uncovered = true;
+        // Both sides are done before they start: every later callback returns at once.
+        self.req.done = true;
+        self.resp.done = true;
         true
     }
 
@@ -825,37 +823,28 @@ impl HttpContext for Stream {
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        if self.uncovered {
-            return Action::Continue;
-        }
         self.on_body(Direction::Request, size, end_of_stream)
     }
 
     fn on_http_request_trailers(&mut self, _n: usize) -> Action {
-        if self.uncovered {
-            return Action::Continue;
-        }
         self.on_trailers(Direction::Request)
     }
 
     fn on_http_response_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
-        if self.replied || self.uncovered || self.resp.done {
+        if self.replied || self.resp.done {
             return Action::Continue;
         }
         self.on_headers(Direction::Response, end_of_stream)
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        if self.replied || self.uncovered {
+        if self.replied {
             return Action::Continue;
         }
         self.on_body(Direction::Response, size, end_of_stream)
     }
 
     fn on_http_response_trailers(&mut self, _n: usize) -> Action {
-        if self.uncovered {
-            return Action::Continue;
-        }
         self.on_trailers(Direction::Response)
     }
 }

@@ -644,18 +644,15 @@ impl Policy {
         if !errs.0.is_empty() {
             return Err(PolicyErrors(errs.0));
         }
+        // With every field to be listed, or undeclared data to be stripped, every
+        // covered message must be read.
+        let reads_all = file.log.every_field || file.undeclared == Undeclared::Strip;
         let open = bindings
             .iter()
             .map(|b| {
                 services
                     .iter()
-                    .map(|s| {
-                        let reads_anyway =
-                            file.log.every_field || file.undeclared == Undeclared::Strip;
-                        (!reads_anyway)
-                            .then(|| open_grants(b, s, &purposes))
-                            .flatten()
-                    })
+                    .map(|s| (!reads_all).then(|| open_grants(b, s, &purposes)).flatten())
                     .collect()
             })
             .collect();
