@@ -141,8 +141,10 @@ def run_scenario(stack: ce.Stack, n: int, sc: dict):
     if body is not None:
         headers["content-type"] = "application/json"
     print()
-    print(bold("  request") + f"  {sc['method']} http://{ce.HOSTS[sc['service']]}{sc['path']}"
-          f"   {ce.CALLER_HEADER}: {sc['caller']}")
+    # The caller is identified as in a mesh, by its client certificate (SPIFFE id) on
+    # Envoy's mTLS listener; no caller header is sent.
+    print(bold("  request") + f"  {sc['method']} https://{ce.HOSTS[sc['service']]}{sc['path']}"
+          f"   from {sc['caller']} (client certificate {ce.TEST_CLIENTS[sc['caller']]})")
     for k, v in headers.items():
         if k != "content-type":
             print(f"           {k}: {v}")
@@ -197,8 +199,8 @@ def main() -> int:
         print(f"  wasm    {ce.find_wasm()}")
         print(f"  policy  {ce.policy_path()}")
         stack.start()
-        print(f"  Envoy listening on 127.0.0.1:{stack.listener_port} "
-              f"(admin 127.0.0.1:{stack.admin_port}), services on "
+        print(f"  Envoy listening on 127.0.0.1:{stack.listener_port}, mTLS on "
+              f"127.0.0.1:{stack.mtls_port} (admin 127.0.0.1:{stack.admin_port}), services on "
               + ", ".join(f"{k}:{v}" for k, v in stack.services.ports.items()))
         print(f"  run directory {stack.run_dir} (envoy.yaml, envoy.log, access.log)")
 

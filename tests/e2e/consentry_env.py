@@ -8,6 +8,10 @@ also a small command line::
     python3 tests/e2e/consentry_env.py render --out envoy.yaml [--passthrough] [--tls-dir D]
     python3 tests/e2e/consentry_env.py up            # services + Envoy until Ctrl-C
 
+The hash and subject keys are never in the rendered bootstrap: it names them in
+`host_env_keys`, and Envoy must run with CONSENTRY_HASH_KEY and CONSENTRY_SUBJECT_KEY in
+its own environment (Envoy(env=...) and Stack do that; `render` says what to export).
+
 Where things come from (each can be overridden by an environment variable):
 
     envoy binary   $CONSENTRY_ENVOY, else <repo>/.venv/bin/envoy, else `envoy` on PATH
@@ -54,6 +58,11 @@ RUN_ROOT = ROOT / ".run"
 
 DECISION_PREFIX = "consentry.decision "
 CALLER_HEADER = "x-consentry-caller"
+# The VM environment variables that hold the keys (the example policy's `keys`, and the
+# names the bootstrap template's host_env_keys copies from Envoy's environment).
+HASH_KEY_ENV = "CONSENTRY_HASH_KEY"
+SUBJECT_KEY_ENV = "CONSENTRY_SUBJECT_KEY"
+KEY_ENV_NAMES = (HASH_KEY_ENV, SUBJECT_KEY_ENV)
 HOSTS = {name: f"{name}.acme.internal" for name in svc.UPSTREAMS}
 
 HTTP_TIMEOUT_S = 10.0
@@ -115,23 +124,70 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def trusting_plaintext_callers(policy_text: str) -> str:
+    """The policy with its caller header trusted on plain HTTP as well
+    (`identity.caller_header.trust_plaintext`): for load tools that present no client
+    certificate (wrk), which name their caller with the header. A setting for measuring
+    cost without a mesh, never for the tests of identity."""
+    policy = json.loads(policy_text)
+    header = (policy.get("identity") or {}).get("caller_header")
+    if isinstance(header, dict):
+        header["trust_plaintext"] = True
+    return json.dumps(policy, indent=2)
+
+
 def random_key(n: int = 32) -> str:
     alphabet = string.ascii_letters + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(n))
+
+
+def key_env(hash_key: str | None = None, subject_key: str | None = None) -> dict[str, str]:
+    """The key variables for Envoy's environment ({CONSENTRY_HASH_KEY: ..., ...}); a key
+    not given is random."""
+    return {HASH_KEY_ENV: hash_key or random_key(), SUBJECT_KEY_ENV: subject_key or random_key()}
+
+
+def envoy_environment(extra: dict | None = None) -> dict:
+    """The process environment for Envoy: this process's, plus `extra` (e.g. key_env()).
+    Key variables this process happens to have are dropped, so an Envoy gets exactly the
+    keys it is given (none: a policy that needs one is refused)."""
+    env = {k: v for k, v in os.environ.items() if k not in KEY_ENV_NAMES}
+    env.update(extra or {})
+    return env
 
 
 # --------------------------------------------------------------------------------------
 # Test PKI for the mTLS listener
 # --------------------------------------------------------------------------------------
 
-# Client certificates the test CA issues: name -> SPIFFE id (the URI SAN). The first three
-# are principals of the example policy; `stranger` is a SPIFFE id no policy knows.
+def _policy_principals(policy_file: Path) -> dict[str, str]:
+    """service -> its first principal (SPIFFE id), for every service of the policy that
+    has one."""
+    services = json.loads(Path(policy_file).read_text()).get("services", {})
+    return {name: s["principals"][0] for name, s in services.items() if s.get("principals")}
+
+
+# A SPIFFE id no policy knows.
+STRANGER = "stranger"
+# Client certificates the test CA issues: name -> SPIFFE id (the URI SAN). One per service
+# of the example policy that has a principal, named like the service and read from the
+# policy file (so they cannot drift apart); plus `stranger`, a SPIFFE id no policy knows.
 TEST_CLIENTS = {
-    "marketing-email": "spiffe://acme.internal/ns/marketing/sa/mailer",
-    "analytics": "spiffe://acme.internal/ns/data/sa/analytics",
-    "gateway": "spiffe://acme.internal/ns/edge/sa/gateway",
-    "stranger": "spiffe://acme.internal/ns/elsewhere/sa/stranger",
+    **_policy_principals(DEFAULT_POLICY),
+    STRANGER: "spiffe://acme.internal/ns/elsewhere/sa/stranger",
 }
+assert STRANGER not in _policy_principals(DEFAULT_POLICY), "the example policy has a `stranger`"
+
+
+def client_for_principal(spiffe: str) -> str:
+    """The TEST_CLIENTS name whose certificate carries `spiffe`."""
+    for name, uri in TEST_CLIENTS.items():
+        if uri == spiffe:
+            return name
+    raise ValueError(f"the test CA has no client certificate for principal {spiffe!r}; "
+                     f"known: {sorted(TEST_CLIENTS.values())}")
+
+
 # The server certificate covers every service host, so a client can send the service's
 # host as SNI and check the certificate against it.
 TLS_SERVER_NAMES = ("*.acme.internal", "localhost")
@@ -240,6 +296,11 @@ class TestPKI:
 _WASM_BLOCK = re.compile(r"^[ \t]*# BEGIN consentry\n.*?^[ \t]*# END consentry\n",
                          re.M | re.S)
 _MTLS_BLOCK = re.compile(r"^[ \t]*# BEGIN mtls\n.*?^[ \t]*# END mtls\n", re.M | re.S)
+# The connection manager's path normalisation. Dropped for path_hygiene=False.
+_PATH_HYGIENE_BLOCK = re.compile(
+    r"^[ \t]*# BEGIN path-hygiene\n.*?^[ \t]*# END path-hygiene\n", re.M | re.S)
+PATH_HYGIENE_OPTIONS = ("normalize_path: true", "merge_slashes: true",
+                        "path_with_escaped_slashes_action: REJECT_REQUEST")
 # The Lua response hold in front of consentry: its comment and its filter entry, up to
 # the wasm filter. Dropped for the variant without the hold (hold=False).
 _HOLD_BLOCK = re.compile(
@@ -253,11 +314,15 @@ _BUFFER_BLOCK = re.compile(
 def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
                      access_log_path: str | Path, wasm: bool = True,
                      wasm_path: str | Path | None = None, policy_text: str | None = None,
-                     hash_key: str | None = None, subject_key: str | None = None,
                      mtls_port: int | None = None, tls_files: dict | None = None,
                      template: str | Path = TEMPLATE, hold: bool = True,
-                     buffer: bool = True, filter_lua: str | None = None) -> str:
+                     buffer: bool = True, filter_lua: str | None = None,
+                     path_hygiene: bool = True) -> str:
     """The Envoy bootstrap as YAML text.
+
+    It holds no key: the wasm filter's VM takes CONSENTRY_HASH_KEY and
+    CONSENTRY_SUBJECT_KEY from Envoy's process environment (host_env_keys), so whoever
+    starts Envoy with this config must set them (Envoy(env=key_env(...)), or export them).
 
     `ports` maps every name in services.ALL_SERVICES to its port on 127.0.0.1.
     With wasm=False the consentry filter is left out (passthrough baseline).
@@ -269,8 +334,17 @@ def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
     bare-router baseline). With wasm=False and filter_lua, a Lua filter
     (envoy.filters.http.lua) with that source code takes the consentry block's place,
     before the buffer filter (envoy/bench/run's `lua-gsub` comparison).
+    With path_hygiene=False the connection manager's own path normalisation
+    (normalize_path, merge_slashes, path_with_escaped_slashes_action: REJECT_REQUEST) is
+    left out: Envoy then forwards paths as they came, and consentry's own normalisation
+    must hold alone.
     """
     text = Path(template).read_text()
+    if not path_hygiene:
+        text, n = _PATH_HYGIENE_BLOCK.subn("", text)
+        if n != 1 or any(o.split(":")[0] + ":" in text for o in PATH_HYGIENE_OPTIONS):
+            raise ValueError("template has no single '# BEGIN path-hygiene' ... "
+                             "'# END path-hygiene' block holding every path option")
     if not buffer:
         text, n = _BUFFER_BLOCK.subn("", text)
         if n != 1 or "envoy.filters.http.buffer" in text:
@@ -290,13 +364,13 @@ def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
         tls_files = {"ca_cert": "", "server_cert": "", "server_key": ""}
         mtls_port = 0
     if wasm:
-        if wasm_path is None or policy_text is None or not hash_key or not subject_key:
-            raise ValueError("wasm variant needs wasm_path, policy_text, hash_key, subject_key")
+        if wasm_path is None or policy_text is None:
+            raise ValueError("wasm variant needs wasm_path and policy_text")
     else:
         text, n = _WASM_BLOCK.subn(lambda m: _lua_filter(m.group(0), filter_lua), text)
         if n != 1:
             raise ValueError("template has no single '# BEGIN consentry' ... '# END consentry' block")
-        wasm_path, policy_text, hash_key, subject_key = "", "", "", ""
+        wasm_path, policy_text = "", ""
     missing = [s for s in svc.ALL_SERVICES if not ports.get(s)]
     if missing:
         raise ValueError(f"no port for {missing}")
@@ -307,8 +381,6 @@ def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
         "access_log_path": str(access_log_path),
         "wasm_path": str(wasm_path),
         "policy_json": policy_text,
-        "hash_key": hash_key,
-        "subject_key": subject_key,
         "mtls_port": int(mtls_port),
         "tls_ca_cert": str(tls_files["ca_cert"]),
         "tls_server_cert": str(tls_files["server_cert"]),
@@ -434,17 +506,22 @@ atexit.register(_stop_all_envoys)
 
 
 class Envoy:
-    """One Envoy process in its own process group, stopped by its pid."""
+    """One Envoy process in its own process group, stopped by its pid.
+
+    `env` is added to its process environment (see envoy_environment): the keys, e.g.
+    key_env(hash_key, subject_key), which the bootstrap's host_env_keys hands to the VM.
+    """
 
     def __init__(self, config_path: Path, admin_port: int, log_path: Path,
                  binary: Path | None = None, concurrency: int = 2,
-                 extra_args: list | None = None):
+                 extra_args: list | None = None, env: dict | None = None):
         self.config_path = Path(config_path)
         self.admin_port = admin_port
         self.log_path = Path(log_path)
         self.binary = Path(binary) if binary else find_envoy()
         self.concurrency = concurrency
         self.extra_args = list(extra_args or [])
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
         self._log_file = None
 
@@ -460,7 +537,8 @@ class Envoy:
         self._log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     cwd=str(self.config_path.parent))
+                                     cwd=str(self.config_path.parent),
+                                     env=envoy_environment(self.env))
         _LIVE_ENVOYS.add(self)
         try:
             self.wait_ready(ready_timeout)
@@ -588,6 +666,10 @@ class Stack:
     subject_key: str = field(default_factory=random_key)
     # False: no Lua response hold in front of consentry (render_bootstrap(hold=False)).
     hold: bool = True
+    # False: no path normalisation by Envoy's connection manager
+    # (render_bootstrap(path_hygiene=False)): paths reach consentry and the upstreams as
+    # they came.
+    path_hygiene: bool = True
     # Applied to the rendered bootstrap text before Envoy reads it (test variants).
     bootstrap_edit: Callable[[str], str] | None = None
 
@@ -614,10 +696,9 @@ class Stack:
                 admin_port=self.admin_port, listener_port=self.listener_port,
                 ports=self.services.ports, access_log_path=self.access_log_path,
                 wasm=self.wasm, wasm_path=wasm_path, policy_text=policy_text,
-                hash_key=self.hash_key, subject_key=self.subject_key,
                 mtls_port=self.mtls_port if self.mtls else None,
                 tls_files=self.pki.bootstrap_files() if self.mtls else None,
-                hold=self.hold)
+                hold=self.hold, path_hygiene=self.path_hygiene)
             if self.bootstrap_edit is not None:
                 cfg = self.bootstrap_edit(cfg)
             self.config_path.write_text(cfg)
@@ -626,8 +707,10 @@ class Stack:
             if self.mtls:
                 ports["envoy_mtls_listener"] = self.mtls_port
             (self.run_dir / "ports.json").write_text(json.dumps(ports, indent=2))
+            # The keys travel in Envoy's process environment, never in its config.
             self.envoy = Envoy(self.config_path, self.admin_port, self.log_path,
-                               binary=binary, concurrency=self.concurrency).start()
+                               binary=binary, concurrency=self.concurrency,
+                               env=self.key_env() if self.wasm else None).start()
         except BaseException:
             self.stop()
             raise
@@ -645,6 +728,10 @@ class Stack:
     def __exit__(self, *exc):
         self.stop()
 
+    def key_env(self) -> dict[str, str]:
+        """This stack's keys as Envoy's environment variables."""
+        return key_env(self.hash_key, self.subject_key)
+
     @property
     def config_path(self) -> Path:
         return self.run_dir / "envoy.yaml"
@@ -659,35 +746,66 @@ class Stack:
 
     # -- traffic -------------------------------------------------------------------
     def send(self, service: str, method: str, path: str, *, caller: str | None = None,
-             body=None, headers: dict | list | None = None, request_id: str | None = None,
+             caller_header: str | None = None, body=None,
+             headers: dict | list | None = None, request_id: str | None = None,
              timeout: float = HTTP_TIMEOUT_S) -> tuple[Response, str]:
         """Send through Envoy to `service` (by Host). Returns (response, request id).
 
+        `caller` names the calling service the way a mesh does, by its certificate: the
+        request goes over the mTLS listener presenting the test CA's certificate of
+        `caller` (a key of TEST_CLIENTS, i.e. a service of the example policy with a
+        principal, or `stranger`), without any caller header. Without `caller` it goes
+        over the plain listener, unidentified. `caller_header` sends
+        `x-consentry-caller: <value>`, for tests that send that header on purpose (it
+        replaces one given in `headers`; without caller_header, one in `headers` is sent
+        as given, also on purpose).
         `headers` is a dict, or a list of (name, value) pairs to send a header twice.
         """
-        return self._send(self.listener_port, None, service, method, path, caller=caller,
-                          body=body, headers=headers, request_id=request_id, timeout=timeout)
+        if caller is None:
+            return self._send(self.listener_port, None, service, method, path,
+                              caller_header=caller_header, body=body, headers=headers,
+                              request_id=request_id, timeout=timeout)
+        return self._send(self.mtls_port, self.client_tls(caller), service, method, path,
+                          caller_header=caller_header, body=body, headers=headers,
+                          request_id=request_id, timeout=timeout)
 
     def send_mtls(self, client: str | None, service: str, method: str, path: str, *,
-                  caller: str | None = None, body=None, headers: dict | list | None = None,
-                  request_id: str | None = None,
+                  caller_header: str | None = None, body=None,
+                  headers: dict | list | None = None, request_id: str | None = None,
                   timeout: float = HTTP_TIMEOUT_S) -> tuple[Response, str]:
-        """Like send, but over the mTLS listener, presenting the test CA's certificate of
-        `client` (a key of TEST_CLIENTS, or ROGUE_CLIENT; None: no certificate)."""
+        """Like send, but always over the mTLS listener, presenting the test CA's
+        certificate of `client` (a key of TEST_CLIENTS, or ROGUE_CLIENT; None: no
+        certificate, which Envoy refuses in the handshake)."""
         if not self.mtls_port:
             raise EnvError("this stack has no mTLS listener (Stack(mtls=True))")
         return self._send(self.mtls_port, self.pki.client_context(client), service, method,
-                          path, caller=caller, body=body, headers=headers,
+                          path, caller_header=caller_header, body=body, headers=headers,
                           request_id=request_id, timeout=timeout)
 
-    def _send(self, port, tls, service, method, path, *, caller, body, headers, request_id,
-              timeout):
-        drop = {"x-request-id", CALLER_HEADER} if caller else {"x-request-id"}
+    def client_tls(self, caller: str) -> ssl.SSLContext:
+        """A TLS client context presenting `caller`'s certificate, for the mTLS listener
+        (stack.mtls_port); raises EnvError for a caller the test CA has no certificate of."""
+        if not self.mtls_port or self.pki is None:
+            raise EnvError(f"caller={caller!r} needs the mTLS listener (callers are identified "
+                           "by client certificate), but this stack has none: "
+                           "Stack(mtls=True)")
+        if caller not in self.pki.clients:
+            raise EnvError(
+                f"caller={caller!r}: the test CA has no client certificate for it, so it "
+                f"cannot be identified (callers are identified by certificate, not by the "
+                f"{CALLER_HEADER} header). Known callers: {', '.join(sorted(self.pki.clients))}. "
+                f"To send an unidentified request naming it in the header, use "
+                f"caller_header={caller!r} without caller.")
+        return self.pki.client_context(caller)
+
+    def _send(self, port, tls, service, method, path, *, caller_header, body, headers,
+              request_id, timeout):
+        drop = {"x-request-id"} if caller_header is None else {"x-request-id", CALLER_HEADER}
         hdrs = [(k, v) for k, v in _header_pairs(headers) if k not in drop]
         rid = request_id or f"e2e-{secrets.token_hex(8)}"
         hdrs.append(("x-request-id", rid))
-        if caller:
-            hdrs.append((CALLER_HEADER, caller))
+        if caller_header is not None:
+            hdrs.append((CALLER_HEADER, caller_header))
         r = http_request(port, method, path, host=HOSTS.get(service, service), headers=hdrs,
                          body=body, timeout=timeout, tls=tls)
         return r, rid
@@ -792,9 +910,8 @@ def _cmd_render(args) -> int:
         admin_port=admin_port, listener_port=listener_port, ports=ports,
         access_log_path=args.access_log, wasm=not args.passthrough,
         wasm_path=str(Path(args.wasm).resolve()) if not args.passthrough else None,
-        policy_text=policy_text, hash_key=args.hash_key or random_key(),
-        subject_key=args.subject_key or random_key(),
-        mtls_port=mtls_port, tls_files=tls_files)
+        policy_text=policy_text, mtls_port=mtls_port, tls_files=tls_files,
+        path_hygiene=not args.no_path_hygiene)
     if args.out == "-":
         sys.stdout.write(text)
     else:
@@ -803,7 +920,25 @@ def _cmd_render(args) -> int:
               f"listener 127.0.0.1:{listener_port}"
               + (f", mTLS listener 127.0.0.1:{mtls_port}, test CA in {args.tls_dir}"
                  if mtls_port else "") + ")", file=sys.stderr)
+    if not args.passthrough:
+        _print_key_instructions()
     return 0
+
+
+def _print_key_instructions(out=None):
+    """Tell the user of `render` how the keys reach Envoy (never through the file)."""
+    out = out or sys.stderr
+    have = [k for k in KEY_ENV_NAMES if os.environ.get(k)]
+    print(f"keys: the bootstrap names {' and '.join(KEY_ENV_NAMES)} in host_env_keys; "
+          "Envoy reads them from its own environment (they are not in the file).", file=out)
+    if len(have) == len(KEY_ENV_NAMES):
+        print("      Both are set in this environment: start Envoy from it.", file=out)
+        return
+    print("      Export them (at least 16 bytes each; random per deployment) before "
+          "starting Envoy, e.g.:", file=out)
+    for k in KEY_ENV_NAMES:
+        if k not in have:
+            print(f'        export {k}="$(openssl rand -hex 32)"', file=out)
 
 
 def _cmd_up(args) -> int:
@@ -838,8 +973,9 @@ def main(argv=None) -> int:
     r.add_argument("--policy", default=str(policy_path()))
     r.add_argument("--wasm", default=str(Path(os.environ.get("CONSENTRY_WASM") or DEFAULT_WASM)))
     r.add_argument("--access-log", default="/dev/stdout")
-    r.add_argument("--hash-key", help="default: random per render")
-    r.add_argument("--subject-key", help="default: random per render")
+    r.add_argument("--no-path-hygiene", action="store_true",
+                   help="leave out the connection manager's path normalisation "
+                        "(the '# BEGIN path-hygiene' block)")
     r.add_argument("--tls-dir", help="make a test CA, server and client certificates here "
                    "and render the mTLS listener (default: no mTLS listener)")
     r.add_argument("--mtls-port", type=int, default=0, help="mTLS listener port")

@@ -5,6 +5,9 @@ it is ignored, with a note in the decision log's `detail`, from anyone else, whe
 appears more than once, or when it is malformed. Per record, consent is looked up in the
 record's own consents object, then the header (if it names the subject), then the store.
 
+Callers are identified by their client certificates (stack.send(caller=...) goes over
+the mTLS listener with that service's certificate and no caller header).
+
 Every request goes to marketing (marketing.email, basis consent, key marketing_email)
 with records that carry no consents object, for subject ids that no earlier test used
 (helpers.fresh_id), so neither the store's data nor the filter's cache can answer for
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import pytest
 
+import consentry_env as ce
 from helpers import (
     CONSENT_HEADER,
     HEADER_EVIDENCE,
@@ -29,28 +33,19 @@ from helpers import (
 )
 
 
-def _send(stack, how: str, body, headers):
-    """POST /v1/campaigns to marketing as `how`: a caller-header name, or mtls:<client>."""
-    if how.startswith("mtls:"):
-        return stack.send_mtls(how[len("mtls:"):], "marketing", "POST", "/v1/campaigns",
-                               body=body, headers=headers)
-    return stack.send("marketing", "POST", "/v1/campaigns", caller=how, body=body,
-                      headers=headers)
-
-
 def _note(d: dict) -> str:
     return d.get("detail") or ""
 
 
-@pytest.mark.parametrize("how", ["gateway", "mtls:gateway"],
-                         ids=["caller-header", "mtls-principal"])
-def test_trusted_gateway_header_decides_for_the_subjects_it_names(stack, how):
+def test_trusted_gateway_header_decides_for_the_subjects_it_names(stack):
+    """The gateway, by its certificate, sends the consent header."""
     a, b, c = fresh_id(), fresh_id(), fresh_id()
     batch = {"customers": [record(a), record(b), record(c)]}
     # c is not in the header: the store answers for it.
     stack.services.store.set_data({c: {"marketing_email": True}}, merge=True)
     value = consent_header_value({a: ["social_profiling", "marketing_email"], b: []})
-    r, rid = _send(stack, how, batch, {CONSENT_HEADER: value})
+    r, rid = stack.send("marketing", "POST", "/v1/campaigns", caller="gateway", body=batch,
+                        headers={CONSENT_HEADER: value})
     assert r.status == 200, r.text()
     assert_marketing_view(received_json(stack, "marketing"), batch, granted={a, c})
 
@@ -84,26 +79,30 @@ def test_header_alone_needs_no_store(stack):
     assert_consent_evidence(d, 1, HEADER_EVIDENCE, granted=False)
 
 
-# How an untrusted party sends the header: a caller-header name, or mtls:<client>.
+# Who sends the header without being trusted for it: (client certificate, caller header
+# sent along, the caller the decision must name; None: an unknown one).
 UNTRUSTED = [
-    ("profile", "profile"),
+    # A known service that is not a trusted consent caller.
+    ("profile", None, "profile"),
     # The mailer's certificate, claiming to be the gateway by header: the principal wins.
-    ("mtls:marketing-email", "marketing-email"),
-    # Nobody we know.
-    ("nobody-we-know", None),
+    ("marketing-email", "gateway", "marketing-email"),
+    # A certificate whose SPIFFE id the policy does not know.
+    (ce.STRANGER, None, None),
+    # No certificate at all (the plain listener), naming nobody.
+    (None, None, None),
 ]
 
 
-@pytest.mark.parametrize("how,caller", UNTRUSTED,
-                         ids=["profile", "mailer-principal-forging-gateway", "unknown-caller"])
-def test_header_from_an_untrusted_caller_is_ignored(stack, how, caller):
+@pytest.mark.parametrize("client,caller_header,caller", UNTRUSTED,
+                         ids=["profile", "mailer-principal-forging-gateway",
+                              "unknown-principal", "unidentified"])
+def test_header_from_an_untrusted_caller_is_ignored(stack, client, caller_header, caller):
     a, b = fresh_id(), fresh_id()
     batch = {"customers": [record(a), record(b)]}
     headers = {CONSENT_HEADER: consent_header_value({a: ["marketing_email"],
                                                      b: ["marketing_email"]})}
-    if how.startswith("mtls:"):
-        headers["x-consentry-caller"] = "gateway"
-    r, rid = _send(stack, how, batch, headers)
+    r, rid = stack.send("marketing", "POST", "/v1/campaigns", caller=client,
+                        caller_header=caller_header, body=batch, headers=headers)
     assert r.status == 200, r.text()
     assert_marketing_view(received_json(stack, "marketing"), batch, granted=set())
 

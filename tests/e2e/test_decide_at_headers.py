@@ -39,7 +39,7 @@ def _policy_stack(tmp_path_factory, make_stack, name: str, log: dict):
     policy["log"] = log
     path = tmp_path_factory.mktemp(name) / f"acme-{name}.json"
     path.write_text(json.dumps(policy, indent=2))
-    return make_stack(policy_file=path, mtls=False)
+    return make_stack(policy_file=path)  # mTLS: callers go by certificate
 
 
 @pytest.fixture(scope="module")

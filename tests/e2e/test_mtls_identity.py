@@ -2,7 +2,10 @@
 client certificate from the test CA (made with openssl for each stack, in
 <run_dir>/tls), and consentry maps the certificate's URI SAN, a SPIFFE id
 (`connection.uri_san_peer_certificate`), to a service through `services.*.principals`.
-A known principal wins over the trusted caller header x-consentry-caller.
+A known principal wins over the caller header x-consentry-caller.
+
+Every other test names its caller the same way: `stack.send(..., caller=X)` presents X's
+certificate on this listener and sends no caller header (consentry_env.Stack.send).
 """
 
 from __future__ import annotations
@@ -35,13 +38,40 @@ def _peer_uri_san(stack, rid):
     return entries[0].get("peer_uri_san")
 
 
-def test_test_ca_identities_are_the_policys_principals():
-    """The client certificates carry the SPIFFE ids the example policy maps (or none)."""
+def test_test_ca_identities_are_the_policys_principals(pki):
+    """Every service of the example policy with a principal has a client certificate,
+    named like the service and carrying that principal; `stranger` carries a SPIFFE id
+    the policy does not know."""
     services = json.loads(ce.DEFAULT_POLICY.read_text())["services"]
-    for name in ("marketing-email", "analytics", "gateway"):
+    with_principals = {name for name, s in services.items() if s.get("principals")}
+    assert with_principals >= {"profile", "gateway", "marketing-email", "analytics",
+                               "billing", "support", "social-enrichment"}
+    assert set(ce.TEST_CLIENTS) == with_principals | {ce.STRANGER}
+    for name in with_principals:
         assert ce.TEST_CLIENTS[name] in services[name]["principals"], name
+        assert pki.client_cert(name)[0].is_file(), name
     every = {p for s in services.values() for p in s.get("principals", [])}
-    assert ce.TEST_CLIENTS["stranger"] not in every
+    assert ce.TEST_CLIENTS[ce.STRANGER] not in every
+
+
+def test_a_caller_without_a_certificate_is_refused_by_the_test_client(stack):
+    """`caller=` means a certificate: a name the test CA has none for is an error, not a
+    request silently sent unidentified or with a header."""
+    with pytest.raises(ce.EnvError, match="no client certificate"):
+        stack.send("profile", "GET", "/v1/customers", caller="nobody-we-know")
+    assert stack.recorded("profile") == []
+
+
+def test_caller_goes_by_certificate_without_a_caller_header(stack):
+    r, rid = stack.send("profile", "GET", "/v1/customers", caller="analytics")
+    assert r.status == 200, r.text()
+    sent = {k.lower() for k, _ in only_request(stack, "profile")["headers"]}
+    assert "x-consentry-caller" not in sent, sent
+    (entry,) = stack.access_entries(rid)
+    assert entry["peer_uri_san"] == ce.TEST_CLIENTS["analytics"]
+    assert entry["caller"] in (None, "-"), entry
+    d = decision(stack, rid, "response")
+    assert d["caller"] == "analytics" and d["recipient"] == "analytics", d
 
 
 def test_marketing_principal_gets_the_consented_view(stack):
@@ -81,7 +111,7 @@ def test_principal_wins_over_a_forged_caller_header(stack):
     e-mail address under its contract): the principal decides, not the header."""
     batch = customers()
     r, rid = stack.send_mtls("marketing-email", "profile", "GET", "/v1/customers",
-                             caller="billing")
+                             caller_header="billing")
     assert r.status == 200, r.text()
     got = r.json()
     assert_marketing_view(got, batch, granted=MARKETING_GRANTED)

@@ -10,19 +10,23 @@ import consentry_env as ce
 import services as svc
 
 
-def _envoy_with(tmp_path, policy_text: str, *, hash_key: str | None = None):
+def _envoy_with(tmp_path, policy_text: str, *, hash_key: str | None = None,
+                keys: dict | None = None):
+    """`envoy --mode validate` (which loads the .wasm and its policy) with the bootstrap
+    and, in Envoy's environment, `keys` (default: random keys, or `hash_key`)."""
     ports = dict(zip(svc.ALL_SERVICES, ce.free_ports(len(svc.ALL_SERVICES))))
     admin, listener = ce.free_ports(2)
     cfg = tmp_path / "envoy.yaml"
     cfg.write_text(ce.render_bootstrap(
         admin_port=admin, listener_port=listener, ports=ports,
         access_log_path=tmp_path / "access.log", wasm=True, wasm_path=ce.find_wasm(),
-        policy_text=policy_text, hash_key=hash_key or ce.random_key(),
-        subject_key=ce.random_key()))
+        policy_text=policy_text))
+    if keys is None:
+        keys = ce.key_env(hash_key=hash_key)
     return subprocess.run([str(ce.find_envoy()), "--mode", "validate", "-c", str(cfg),
                            "--disable-hot-restart", "--log-level", "info"],
                           capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, env=ce.envoy_environment(keys))
 
 
 def _policy() -> dict:
@@ -66,3 +70,16 @@ def test_the_example_policy_loads(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert "policy `acme-customer-data` loaded" in out
+
+
+def test_keys_come_from_envoys_environment(tmp_path):
+    """The bootstrap holds no key (host_env_keys): without the variables in Envoy's own
+    environment the example policy, which hashes and names subjects, is refused; with
+    them (test_the_example_policy_loads) it loads."""
+    for missing in ce.KEY_ENV_NAMES:
+        keys = {k: ce.random_key() for k in ce.KEY_ENV_NAMES if k != missing}
+        r = _envoy_with(tmp_path, ce.DEFAULT_POLICY.read_text(), keys=keys)
+        out = r.stdout + r.stderr
+        assert r.returncode != 0, f"Envoy loaded the policy without {missing}:\n{out[-3000:]}"
+        assert missing in out, f"the refusal does not name {missing}:\n{out[-3000:]}"
+        assert "policy `acme-customer-data` loaded" not in out

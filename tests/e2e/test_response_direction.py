@@ -1,5 +1,6 @@
-"""Response bodies: the recipient is the caller, named by the trusted header
-x-consentry-caller (the example policy's identity.caller_header)."""
+"""Response bodies: the recipient is the caller, identified as in a mesh by its client
+certificate (stack.send(caller=...) goes over the mTLS listener with that service's
+certificate, without a caller header)."""
 
 from __future__ import annotations
 
@@ -70,10 +71,20 @@ def test_support_caller_gets_contact_data(stack):
         assert_intact(rec, orig, ("id", "name", "email", "phone", "address"))
 
 
-@pytest.mark.parametrize("caller", [None, "nobody-we-know"])
-def test_unidentified_caller_gets_no_customer_data(stack, caller):
+# (client certificate, caller header): nobody the policy knows.
+UNIDENTIFIED = [
+    (None, None),                 # plain HTTP, no header
+    (None, "nobody-we-know"),     # plain HTTP, a header naming no service of the policy
+    ("stranger", None),           # a certificate whose SPIFFE id the policy does not know
+]
+
+
+@pytest.mark.parametrize("caller,caller_header", UNIDENTIFIED,
+                         ids=["plain", "plain-header-naming-nobody", "unknown-principal"])
+def test_unidentified_caller_gets_no_customer_data(stack, caller, caller_header):
     batch = customers()
-    r, rid = stack.send("profile", "GET", "/v1/customers", caller=caller)
+    r, rid = stack.send("profile", "GET", "/v1/customers", caller=caller,
+                        caller_header=caller_header)
     assert r.status == 200, r.text()
     _framing_ok(r)
     assert_no_customer_values(r.text(), batch, "a response to an unidentified caller")
