@@ -56,13 +56,14 @@ fn policy() -> LoadedPolicy {
 const HOST: &str = "analytics.acme.internal";
 const PATH: &str = "/v1/events";
 const RESPONSE: &[u8] = br#"{"ok":true}"#;
+/// The caller, `profile`, by its mTLS principal in the example policy.
+const PROFILE: &str = "spiffe://acme.internal/ns/core/sa/profile";
 
 fn request_headers(body: &[u8]) -> Vec<(String, String)> {
     vec![
         (":method".into(), "POST".into()),
         (":path".into(), PATH.into()),
         (":authority".into(), HOST.into()),
-        ("x-consentry-caller".into(), "profile".into()),
         ("content-type".into(), "application/json".into()),
         ("content-length".into(), body.len().to_string()),
     ]
@@ -80,6 +81,7 @@ fn recording(body: &[u8]) -> Recording {
     Recording {
         source: "bench".into(),
         cluster: Some("analytics".into()),
+        peer_principal: Some(PROFILE.into()),
         request: Message {
             headers: request_headers(body),
             body: body.to_vec(),
@@ -103,6 +105,7 @@ fn input(body: &[u8]) -> ExchangeInput {
         ("request.url_path", PATH),
         ("request.method", "POST"),
         ("request.host", HOST),
+        ("connection.uri_san_peer_certificate", PROFILE),
     ] {
         properties.insert(k.to_string(), v.as_bytes().to_vec());
     }

@@ -2,7 +2,8 @@
 //! the filter would refuse the policy for, with file, line and column, plus warnings
 //! for policies that load but probably do not say what their author meant.
 
-use consentry::engine::policy::{LegalBasis, PolicyFile};
+use consentry::engine::policy::{LegalBasis, PolicyFile, ShapeMismatch};
+use consentry::engine::route;
 use consentry::engine::{category_covers, Policy};
 use serde::Serialize;
 use serde_json::Value;
@@ -184,6 +185,12 @@ fn lint(p: &PolicyFile, raw: &Value) -> Vec<(String, String)> {
             .purposes
             .values()
             .any(|pp| pp.basis == LegalBasis::Consent);
+        if m.shape_mismatch == ShapeMismatch::Pass {
+            w.push((
+                format!("/messages/{bi}/shape_mismatch"),
+                format!("binding `{}` passes bodies in which `{}` finds no records: such a body (a renamed envelope, a bare record) reaches its recipient unjudged, logged only as uninspectable; prefer a binding for each shape", m.name, m.records),
+            ));
+        }
         if has_consent_purpose
             && m.consent.is_none()
             && p.consent.header.is_none()
@@ -198,13 +205,15 @@ fn lint(p: &PolicyFile, raw: &Value) -> Vec<(String, String)> {
         for (ei, earlier) in p.messages.iter().enumerate().take(bi) {
             let dirs_overlap = earlier.direction == m.direction
                 || earlier.direction == consentry::engine::policy::DirectionSpec::Both;
+            // Compared as the filter compares them: canonical, in any case.
+            let canon = |p: &String| route::canonical_path(p).unwrap_or_else(|_| p.clone());
             let paths_covered = earlier.paths.is_empty()
                 || (!m.paths.is_empty()
                     && m.paths.iter().all(|p2| {
                         earlier
                             .paths
                             .iter()
-                            .any(|p1| p2.starts_with(p1.trim_end_matches('/')))
+                            .any(|p1| route::has_prefix(&canon(p2), &canon(p1), false))
                     }));
             let methods_covered = earlier.methods.is_empty()
                 || (!m.methods.is_empty()
@@ -218,6 +227,14 @@ fn lint(p: &PolicyFile, raw: &Value) -> Vec<(String, String)> {
                 ));
                 break;
             }
+        }
+    }
+    if let Some(h) = &p.identity.caller_header {
+        if h.trust_plaintext {
+            w.push((
+                "/identity/caller_header/trust_plaintext".into(),
+                format!("`{}` is trusted on requests without an mTLS principal: anything that can reach this Envoy can name itself any service and receive what that service may; use this only without a mesh, behind a network that strips the header, and prefer `trusted_from` with the gateway's principal", h.name),
+            ));
         }
     }
     for (name, s) in &p.services {
@@ -273,6 +290,43 @@ mod tests {
         assert_eq!(f.len(), 1, "{f:#?}");
         assert!(f[0].message.contains("unknown field `servces`"), "{f:#?}");
         assert_eq!(f[0].line, Some(3), "{f:#?}");
+    }
+
+    #[test]
+    fn trusting_a_plaintext_caller_header_and_passing_other_shapes_are_warned_about() {
+        let mut v: Value = serde_json::from_str(EXAMPLE).unwrap();
+        assert!(check_text("x.json", EXAMPLE).iter().all(
+            |x| !x.pointer.starts_with("/identity") && !x.pointer.ends_with("/shape_mismatch")
+        ));
+        v["identity"]["caller_header"]["trust_plaintext"] = Value::Bool(true);
+        v["messages"][0]["shape_mismatch"] = Value::from("pass");
+        let f = check_text("x.json", &serde_json::to_string_pretty(&v).unwrap());
+        assert!(f.iter().all(|x| x.severity == Severity::Warning), "{f:#?}");
+        let plain = f
+            .iter()
+            .find(|x| x.pointer == "/identity/caller_header/trust_plaintext")
+            .expect("a warning about trust_plaintext");
+        assert!(plain.message.contains("without an mTLS principal") && plain.line.is_some());
+        assert!(
+            f.iter().any(|x| x.pointer == "/messages/0/shape_mismatch"),
+            "{f:#?}"
+        );
+    }
+
+    #[test]
+    fn a_shadowed_binding_is_found_through_other_spellings_of_its_paths() {
+        let mut v: Value = serde_json::from_str(EXAMPLE).unwrap();
+        let mut second = v["messages"][0].clone();
+        second["name"] = Value::from("later");
+        second["paths"] = serde_json::json!(["/V1//Customers/42"]);
+        v["messages"].as_array_mut().unwrap().push(second);
+        let f = check_text("x.json", &serde_json::to_string_pretty(&v).unwrap());
+        assert!(
+            f.iter().any(
+                |x| x.pointer == "/messages/2" && x.message.contains("shadowed by /messages/0")
+            ),
+            "{f:#?}"
+        );
     }
 
     #[test]

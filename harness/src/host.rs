@@ -132,6 +132,10 @@ pub struct Settings {
     /// Clusters Envoy knows: an HTTP call to any other is refused at dispatch
     /// (`BadArgument`), as Envoy does.
     pub clusters: Vec<String>,
+    /// Envoy's path hygiene as the shipped bootstrap sets it (normalize_path,
+    /// merge_slashes, escaped slashes refused): the filter sees the path Envoy would
+    /// hand it, and a path Envoy refuses never reaches it ([`crate::envoy_path`]).
+    pub path_hygiene: bool,
 }
 
 impl Default for Settings {
@@ -146,6 +150,7 @@ impl Default for Settings {
             strict: false,
             trace: false,
             clusters: Vec::new(),
+            path_hygiene: true,
         }
     }
 }
@@ -1284,6 +1289,38 @@ impl Vm {
             trace: Vec::new(),
             trap: None,
         };
+        // Envoy's connection manager reads the path before any filter.
+        let raw_path = input
+            .request_headers
+            .iter()
+            .find(|(k, _)| k == ":path")
+            .map(|(_, v)| v.clone());
+        let seen = match &raw_path {
+            Some(p) if self.store.data().settings.path_hygiene => {
+                crate::envoy_path::normalize(p).map(Some)
+            }
+            Some(p) => match crate::envoy_path::refusal(p) {
+                Some(why) => Err(why),
+                None => Ok(None),
+            },
+            None => Ok(None),
+        };
+        let normalized;
+        let input = match seen {
+            Err(why) => {
+                out.request = Fate::EnvoyRefused {
+                    status: 400,
+                    reason: why.to_string(),
+                };
+                out.client = Some(status_only(400));
+                return out;
+            }
+            Ok(Some(p)) if Some(&p) != raw_path.as_ref() => {
+                normalized = with_path(input, &p);
+                &normalized
+            }
+            Ok(_) => input,
+        };
         let result = self.drive(ctx, input, answer, &mut out);
         if let Err(e) = result {
             let violation = self.store.data_mut().violation.take();
@@ -1548,6 +1585,27 @@ fn status_only(status: u32) -> Delivered {
         body: Vec::new(),
         trailers: Vec::new(),
     }
+}
+
+/// `input` with its request path replaced, in the `:path` header and in the
+/// `request.path` / `request.url_path` properties, as Envoy's normalisation replaces it.
+fn with_path(input: &ExchangeInput, path: &str) -> ExchangeInput {
+    let mut x = input.clone();
+    for (k, v) in &mut x.request_headers {
+        if k == ":path" {
+            *v = path.to_string();
+        }
+    }
+    if x.properties.contains_key("request.path") {
+        x.properties
+            .insert("request.path".into(), path.as_bytes().to_vec());
+    }
+    if x.properties.contains_key("request.url_path") {
+        let url_path = path.split('?').next().unwrap_or(path);
+        x.properties
+            .insert("request.url_path".into(), url_path.as_bytes().to_vec());
+    }
+    x
 }
 
 #[cfg(test)]

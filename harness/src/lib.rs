@@ -8,6 +8,7 @@
 //! - [`report`]: summarises decision logs for security reviewers.
 
 pub mod check;
+pub mod envoy_path;
 pub mod host;
 pub mod replay;
 pub mod report;

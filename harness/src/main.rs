@@ -47,6 +47,12 @@ struct WasmArgs {
     /// without them fixed replay keys are used.
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// Hand the filter each request path as recorded, as an Envoy without path hygiene
+    /// would. By default the harness does what the shipped bootstrap's Envoy does first:
+    /// normalise the path (dot segments, unreserved escapes, merged slashes) and refuse
+    /// escaped slashes with 400.
+    #[arg(long)]
+    raw_paths: bool,
 }
 
 #[derive(Subcommand)]
@@ -160,6 +166,7 @@ fn settings(args: &WasmArgs, trace: bool) -> Result<Settings> {
     let mut s = Settings {
         strict: args.strict,
         chunk_size: args.chunk_size,
+        path_hygiene: !args.raw_paths,
         trace,
         ..Settings::default()
     };

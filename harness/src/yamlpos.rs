@@ -968,28 +968,52 @@ mod tests {
     #[test]
     fn example_policy_json_maps_to_its_lines() {
         let text = include_str!("../../policies/acme-customers.json");
+        // Where `needle` starts in the text (1-based line and column), so the test
+        // follows edits of the example policy.
+        let at = |needle: &str| {
+            let (i, line) = text
+                .lines()
+                .enumerate()
+                .find(|(_, l)| l.contains(needle))
+                .unwrap_or_else(|| panic!("{needle} not in the example policy"));
+            p(i + 1, line.find(needle).unwrap() + 1)
+        };
         let (v, pos) = parse(text).unwrap();
         let direct: Value = serde_json::from_str(text).unwrap();
         assert_eq!(v, direct);
         assert_eq!(pos.key("/name"), p(3, 3));
         assert_eq!(pos.value("/name"), p(3, 11));
-        assert_eq!(pos.key("/services"), p(21, 3));
-        assert_eq!(pos.key("/services/marketing-email"), p(44, 5));
-        assert_eq!(pos.key("/purposes/marketing.email"), p(124, 5));
-        assert_eq!(pos.key("/purposes/marketing.email/consent_key"), p(126, 7));
-        assert_eq!(pos.key("/messages"), p(195, 3));
+        assert_eq!(pos.key("/services"), at("\"services\""));
+        assert_eq!(
+            pos.key("/services/marketing-email"),
+            at("\"marketing-email\": {")
+        );
+        assert_eq!(
+            pos.key("/purposes/marketing.email"),
+            at("\"marketing.email\": {")
+        );
+        let consent_key = at("\"consent_key\": \"marketing_email\"");
+        assert_eq!(
+            pos.key("/purposes/marketing.email/consent_key"),
+            consent_key
+        );
+        assert_eq!(pos.key("/messages"), at("\"messages\""));
+        let keep_last = at("\"keep_last\": 4");
         assert_eq!(
             pos.key("/messages/0/fields/3/action/mask/keep_last"),
-            p(230, 15)
+            keep_last
         );
         assert_eq!(pos.value(""), p(1, 1));
         // Reading the JSON as YAML (the fallback path) gives the same value and lines.
         let (y, ypos) = parse_yaml(text).unwrap();
         assert_eq!(y, direct);
-        assert_eq!(ypos.key("/purposes/marketing.email/consent_key"), p(126, 7));
+        assert_eq!(
+            ypos.key("/purposes/marketing.email/consent_key"),
+            consent_key
+        );
         assert_eq!(
             ypos.key("/messages/0/fields/3/action/mask/keep_last"),
-            p(230, 15)
+            keep_last
         );
     }
 

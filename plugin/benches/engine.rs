@@ -117,18 +117,18 @@ fn compile(v: &Value) -> Policy {
 /// `profile` (purpose `essential.account`, allows `user`) gets everything unchanged.
 const RECIPIENTS: [&str; 2] = ["analytics", "profile"];
 
-/// A request from the gateway's caller `profile` to the service behind `cluster`, on a
-/// path the example binding covers.
+/// The example policy's principal of `profile`.
+const PROFILE: &str = "spiffe://acme.internal/ns/core/sa/profile";
+
+/// A request from `profile` (by its mTLS principal) to the service behind `cluster`, on
+/// a path the example binding covers.
 fn exchange(p: &Policy, cluster: &str) -> Exchange {
-    let headers = vec![
-        ("content-type".to_string(), "application/json".to_string()),
-        ("x-consentry-caller".to_string(), "profile".to_string()),
-    ];
+    let headers = vec![("content-type".to_string(), "application/json".to_string())];
     p.exchange(
         Some("bench-req-1".into()),
         "POST",
         "/v1/events",
-        p.identify_caller(None, Some("profile")),
+        p.identify_caller(Some(PROFILE), None),
         p.identify_upstream(Some(cluster), None),
         &headers,
     )
@@ -265,7 +265,7 @@ fn bench_message(c: &mut Criterion<CpuTime>) {
                         Some("bench-req-1".into()),
                         "POST",
                         "/v1/events",
-                        p.identify_caller(None, Some("profile")),
+                        p.identify_caller(Some(PROFILE), None),
                         p.identify_upstream(Some("analytics"), None),
                         &headers,
                     );

@@ -409,13 +409,7 @@ impl Stream {
         ) else {
             return false;
         };
-        if policy
-            .binding_for(Direction::Request, &method, &path)
-            .is_some()
-            || policy
-                .binding_for(Direction::Response, &method, &path)
-                .is_some()
-        {
+        if policy.may_cover(&method, &path) {
             return false;
         }
         if let Some(name) = policy.consent_header() {
@@ -461,8 +455,15 @@ impl Stream {
         if d == Direction::Request {
             let principal = property(&["connection", "uri_san_peer_certificate"]);
             let cluster = property(&["xds", "cluster_name"]);
-            let caller_header = policy.caller_header().and_then(|h| first(&headers, h));
-            let caller = policy.identify_caller(principal.as_deref(), caller_header);
+            let caller_header: Vec<&str> = match policy.caller_header() {
+                Some(name) => headers
+                    .iter()
+                    .filter(|(k, _)| crate::engine::route::header_name_eq(k, name))
+                    .map(|(_, v)| v.as_str())
+                    .collect(),
+                None => Vec::new(),
+            };
+            let caller = policy.identify_caller_from(principal.as_deref(), &caller_header);
             let upstream =
                 policy.identify_upstream(cluster.as_deref(), first(&headers, ":authority"));
             let request_id = first(&headers, "x-request-id").map(str::to_string);
@@ -479,6 +480,7 @@ impl Stream {
                         && policy.decided_at_headers(b, ex.recipient(Direction::Response).service)
                 }
             };
+            let refusal = ex.route_refusal.clone();
             self.ex = Some(ex);
             // The consent header is a message from the gateway to this filter: it names
             // subjects, and the upstream has no purpose for it, trusted or not.
@@ -486,6 +488,12 @@ impl Stream {
                 if self.enforcing() && first(&headers, name).is_some() {
                     let _ = abi::remove_map_value(MapType::HttpRequestHeaders, name);
                 }
+            }
+            if let Some(refusal) = refusal {
+                // A path with no single safe reading that some reading of could be
+                // covered: refused before anything else is looked at.
+                self.resp.done = true;
+                return self.finish(d, Some(refusal));
             }
         }
         let Some(ex) = self.ex.clone() else {

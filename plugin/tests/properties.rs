@@ -25,7 +25,8 @@ use consentry::engine::{
 };
 use proptest::prelude::*;
 use proptest::sample::select;
-use proptest::test_runner::Config as ProptestConfig;
+mod common;
+use common::config;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -76,22 +77,6 @@ const DOC_KEYS: &[&str] = &[
 ];
 const SUBJECTS: &[&str] = &["c-1", "c-2", "c-3"];
 const MARKERS: &[&str] = &["[redacted]", "XX", "<gone>"];
-
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
-fn config(default_cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases: cases(default_cases),
-        // Minimal failing cases are kept as unit tests below, not in a side file.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Selectors: generated in a structured form, rendered as JSONPath for the policy and
@@ -428,7 +413,7 @@ impl PolicyGen {
             "mode": mode,
             "fail": if o.fail_open { "open" } else { "closed" },
             "undeclared": if o.undeclared_strip { "strip" } else { "allow" },
-            "identity": { "caller_header": "x-caller" },
+            "identity": { "caller_header": { "name": "x-caller", "trust_plaintext": true } },
             "services": services,
             "purposes": purposes,
             "messages": [binding],

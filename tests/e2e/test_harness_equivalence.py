@@ -14,7 +14,11 @@ sample with modest expectations of its own). Per exchange this test
    headers (including the fixed `x-request-id`, so local reply bodies and decision logs
    carry the same request id on both sides) and body bytes, built by the rules of the
    native format (compact JSON for `body`, `content-type: application/json` added when
-   `body` is given without one);
+   `body` is given without one). The caller is the exchange's `principal` (a SPIFFE id
+   of the example policy), as in a mesh: the request goes over Envoy's mTLS listener
+   presenting the test CA's client certificate with that URI SAN (the harness gives the
+   filter the same id as the peer certificate's URI SAN); an exchange without a
+   `principal` goes over plain HTTP. No exchange names its caller by header;
 3. compares with the harness's `replay --format json` output:
 
    a. whether the upstream received the request, and if so its body (as JSON when both
@@ -34,7 +38,8 @@ Headers left out of the comparison, and why:
   after it (and the codecs) frame the body again, so the upstream and the client see a
   new exact length, while the harness reports the filter's own output without one.
 * `x-forwarded-proto`, `x-envoy-*`, `date`, `server`: added by Envoy's connection
-  manager, router and codecs, never by the filter.
+  manager, router and codecs, never by the filter (`x-forwarded-proto` is `https` on
+  the mTLS listener).
 * `x-consentry-hold`: consentry's marker for the Lua response hold in front of it (see
   envoy/bootstrap.template.yaml); in Envoy that Lua filter removes it before the client
   sees the response, the harness shows the filter's output with it.
@@ -288,6 +293,13 @@ def test_harness_and_envoy_agree_on_every_exchange(stack):
             f"exchanges[{i}]: cluster {cluster!r} is not where Envoy routes {authority!r}"
         rid = dict(_headers(req)).get("x-request-id")
         assert rid, f"exchanges[{i}] needs a fixed x-request-id header"
+        assert ce.CALLER_HEADER not in dict(_headers(req)), \
+            f"exchanges[{i}] names its caller by {ce.CALLER_HEADER}: give it a `principal`"
+        # The caller as in a mesh: the client certificate with the exchange's principal.
+        principal = ex.get("principal")
+        port, tls = stack.listener_port, None
+        if principal is not None:
+            port, tls = stack.mtls_port, stack.client_tls(ce.client_for_principal(principal))
 
         # 1. script the outside world
         stack.clear()
@@ -295,16 +307,17 @@ def test_harness_and_envoy_agree_on_every_exchange(stack):
                                                  file_answer), 1000)
         if resp is not None:
             rh = [(k, v) for k, v in _headers(resp) if k != "content-length"]
+            # For whatever path reaches the upstream: Envoy may forward another spelling
+            # of the recorded one (its path normalisation), as the harness does.
             stack.services.upstreams[cluster].respond(
-                req["path"].split("?")[0], int(resp.get("status", 200)), dict(rh),
-                _body(resp) or b"", times=1)
+                "*", int(resp.get("status", 200)), dict(rh), _body(resp) or b"", times=1)
         log_mark = len(stack.envoy.log_text())
 
         # 2. the same request through Envoy
         method = req.get("method", "GET")
         try:
-            r = ce.http_request(stack.listener_port, method, req["path"], host=authority,
-                                headers=_headers(req), body=_body(req))
+            r = ce.http_request(port, method, req["path"], host=authority,
+                                headers=_headers(req), body=_body(req), tls=tls)
         except (OSError, ce.TruncatedResponse) as e:
             r = None
             diffs.append(f"client: Envoy gave no complete response: {e!r}")

@@ -14,8 +14,9 @@ Cases:
 
 1. request bodies in many small HTTP/1.1 chunks (1 and 7 bytes, with pauses, so Envoy
    hands the filter many body callbacks), also while the consent store is slow;
-2. HTTP/2 (h2c prior knowledge on the plain listener: codec_type AUTO detects the h2
-   preface, no bootstrap change needed), with request trailers, and response trailers
+2. HTTP/2 with prior knowledge (h2c on the plain listener, and h2 over TLS on the mTLS
+   listener with the caller's certificate: codec_type AUTO detects the h2 preface, no
+   ALPN or bootstrap change needed), with request trailers, and response trailers
    from an HTTP/1.1 upstream that sends chunked trailers (a variant stack whose cluster
    sets `enable_trailers`; the recorders in services.py never send trailers);
 3. a response blocked after its headers were sent: 403 with the Lua hold, a cut-off
@@ -30,6 +31,11 @@ Cases:
    single-write oversized body → 413).
 
 HTTP/2 uses the `h2` package (tests/e2e/requirements.txt).
+
+Callers are identified by their client certificates, never by a caller header: the raw
+HTTP/1.1 and HTTP/2 clients here connect to the mTLS listener with the caller's
+certificate (`endpoint(stack, caller)`), or to the plain listener when the test needs no
+caller (`caller=None`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import re
 import secrets
 import select
 import socket
+import ssl
 import threading
 import time
 
@@ -154,10 +161,40 @@ def analytics_ok(got: dict, batch: dict):
 # Raw HTTP/1.1: chunked request bodies, and everything the client reads
 # --------------------------------------------------------------------------------------
 
-def _connect(port: int, timeout: float) -> socket.socket:
+# Where a raw client connects: (port, TLS client context or None for plain TCP).
+Endpoint = tuple
+
+
+def endpoint(stack, caller: str | None) -> Endpoint:
+    """The mTLS listener presenting `caller`'s client certificate, or the plain listener
+    for caller=None (an unidentified client)."""
+    if caller is None:
+        return stack.listener_port, None
+    return stack.mtls_port, stack.client_tls(caller)
+
+
+# What a peer that went away looks like while sending, over TCP or TLS.
+GONE = (BrokenPipeError, ConnectionResetError, ssl.SSLError)
+
+
+def _connect(to: Endpoint, timeout: float, host: str) -> socket.socket:
+    port, tls = to
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        try:
+            s = tls.wrap_socket(s, server_hostname=host)
+        except BaseException:
+            s.close()
+            raise
     return s
+
+
+def _readable(s: socket.socket, timeout: float) -> bool:
+    """Whether s has data to read (TLS: also bytes already decrypted and buffered)."""
+    if isinstance(s, ssl.SSLSocket) and s.pending():
+        return True
+    return bool(select.select([s], [], [], timeout)[0])
 
 
 def _head(method: str, path: str, host: str, headers: list) -> bytes:
@@ -166,25 +203,25 @@ def _head(method: str, path: str, host: str, headers: list) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def send_chunked(port: int, service: str, path: str, body: bytes, *, chunk: int,
+def send_chunked(to: Endpoint, service: str, path: str, body: bytes, *, chunk: int,
                  headers: list, pause_every: int = 8, pause: float = 0.003,
                  timeout: float = 30.0) -> tuple[ce.Response, bool]:
     """POST `body` with transfer-encoding: chunked, `chunk` bytes per chunk, pausing now
     and then so Envoy reads (and hands the filter) the body piece by piece. Stops sending
     as soon as Envoy answers. Returns (response, whether the whole body was sent)."""
-    s = _connect(port, timeout)
+    s = _connect(to, timeout, ce.HOSTS[service])
     try:
         hdrs = list(headers) + [("transfer-encoding", "chunked"), ("connection", "close")]
         s.sendall(_head("POST", path, ce.HOSTS[service], hdrs))
         complete = True
         for i in range(0, len(body), chunk):
-            if select.select([s], [], [], 0)[0]:
+            if _readable(s, 0):
                 complete = False  # Envoy answered early (a refusal): stop sending
                 break
             piece = body[i:i + chunk]
             try:
                 s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
-            except (BrokenPipeError, ConnectionResetError):
+            except GONE:
                 complete = False
                 break
             if pause and (i // chunk) % pause_every == pause_every - 1:
@@ -192,7 +229,7 @@ def send_chunked(port: int, service: str, path: str, body: bytes, *, chunk: int,
         if complete:
             try:
                 s.sendall(b"0\r\n\r\n")
-            except (BrokenPipeError, ConnectionResetError):
+            except GONE:
                 complete = False
         resp = http.client.HTTPResponse(s, method="POST")
         resp.begin()
@@ -202,11 +239,11 @@ def send_chunked(port: int, service: str, path: str, body: bytes, *, chunk: int,
         s.close()
 
 
-def raw_exchange(port: int, service: str, method: str, path: str, headers: list,
+def raw_exchange(to: Endpoint, service: str, method: str, path: str, headers: list,
                  timeout: float = 15.0) -> tuple[bytes, str]:
     """Sends a request without a body and returns every byte Envoy sent back until it
     closed the connection, and how it ended ("eof", "reset" or "timeout")."""
-    s = _connect(port, timeout)
+    s = _connect(to, timeout, ce.HOSTS[service])
     out = bytearray()
     how = "eof"
     try:
@@ -215,11 +252,11 @@ def raw_exchange(port: int, service: str, method: str, path: str, headers: list,
         while True:
             try:
                 b = s.recv(65536)
-            except ConnectionResetError:
-                how = "reset"
-                break
             except socket.timeout:
                 how = "timeout"
+                break
+            except (ConnectionResetError, ssl.SSLError):
+                how = "reset"
                 break
             if not b:
                 break
@@ -274,20 +311,22 @@ class H2Result:
                 f"reset={self.reset}, goaway={self.goaway}, ended={self.ended})")
 
 
-def h2_request(port: int, service: str, method: str, path: str, *, headers: list = (),
+def h2_request(to: Endpoint, service: str, method: str, path: str, *, headers: list = (),
                data: list[bytes] = (), trailers: list | None = None,
                pause: float = 0.02, timeout: float = 15.0) -> H2Result:
-    """One HTTP/2 request over cleartext with prior knowledge. `data` is sent as one DATA
-    frame per element (with a pause between them); `trailers`, if given, end the stream."""
+    """One HTTP/2 request with prior knowledge: cleartext (h2c) on the plain listener, or
+    over TLS on the mTLS listener (`to` from endpoint()). `data` is sent as one DATA frame
+    per element (with a pause between them); `trailers`, if given, end the stream."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(
         client_side=True, header_encoding="utf-8"))
-    s = _connect(port, timeout)
+    s = _connect(to, timeout, ce.HOSTS[service])
     res = H2Result()
     try:
         conn.initiate_connection()
         s.sendall(conn.data_to_send())
         sid = conn.get_next_available_stream_id()
-        req = [(":method", method), (":scheme", "http"), (":authority", ce.HOSTS[service]),
+        scheme = "https" if to[1] is not None else "http"
+        req = [(":method", method), (":scheme", scheme), (":authority", ce.HOSTS[service]),
                (":path", path)] + [(k.lower(), v) for k, v in headers]
         data = list(data)
         conn.send_headers(sid, req, end_stream=not data and not trailers)
@@ -297,12 +336,11 @@ def h2_request(port: int, service: str, method: str, path: str, *, headers: list
             """Reads what is there (waiting up to `block` s); False when the stream is over."""
             if res.ended or res.reset is not None or res.goaway:
                 return False
-            r = select.select([s], [], [], block)[0]
-            if not r:
+            if not _readable(s, block):
                 return True
             try:
                 chunk = s.recv(65536)
-            except ConnectionResetError:
+            except (ConnectionResetError, ssl.SSLError):
                 res.goaway = True
                 return False
             if not chunk:
@@ -334,8 +372,7 @@ def h2_request(port: int, service: str, method: str, path: str, *, headers: list
             try:
                 conn.send_data(sid, piece, end_stream=last)
                 s.sendall(conn.data_to_send())
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError,
-                    BrokenPipeError, ConnectionResetError):
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) + GONE:
                 alive = False  # Envoy answered (and closed the stream) early
                 break
             alive = pump(pause)
@@ -345,8 +382,7 @@ def h2_request(port: int, service: str, method: str, path: str, *, headers: list
             try:
                 conn.send_headers(sid, [(k.lower(), v) for k, v in trailers], end_stream=True)
                 s.sendall(conn.data_to_send())
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError,
-                    BrokenPipeError, ConnectionResetError):
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) + GONE:
                 alive = False
         deadline = time.monotonic() + timeout
         while pump(0.1):
@@ -362,17 +398,18 @@ def h2_request(port: int, service: str, method: str, path: str, *, headers: list
         s.close()
 
 
-def h2_post(stack_or_port, service, path, body: bytes, *, caller="profile", pieces=4,
-            trailers=None, content_type="application/json", extra=(), request_id=None,
-            port=None):
+def h2_post(stack, service, path, body: bytes, *, caller: str | None = "profile", pieces=4,
+            trailers=None, content_type="application/json", extra=(), request_id=None):
+    """POST over HTTP/2 as `caller` (its certificate, over TLS), or unidentified over h2c
+    (caller=None)."""
     rid = request_id or f"e2e-h2-{secrets.token_hex(6)}"
-    hdrs = [("x-request-id", rid), ("x-consentry-caller", caller)]
+    hdrs = [("x-request-id", rid)]
     if content_type:
         hdrs.append(("content-type", content_type))
     hdrs += list(extra)
     n = max(1, len(body) // pieces + 1)
     data = [body[i:i + n] for i in range(0, len(body), n)]
-    res = h2_request(port or stack_or_port.listener_port, service, "POST", path,
+    res = h2_request(endpoint(stack, caller), service, "POST", path,
                      headers=hdrs, data=data, trailers=trailers)
     return res, rid
 
@@ -385,7 +422,7 @@ def h2_post(stack_or_port, service, path, body: bytes, *, caller="profile", piec
 def test_chunked_request_is_rewritten_as_for_a_single_write(stack, vm_ok, chunk):
     batch = customers()
     body = json.dumps(batch).encode()
-    ct = [("content-type", "application/json"), ("x-consentry-caller", "profile")]
+    ct = [("content-type", "application/json")]
     r1, _ = stack.send("analytics", "POST", "/v1/events", caller="profile", body=body,
                        headers={"content-type": "application/json"})
     assert r1.status == 200, r1.text()
@@ -393,7 +430,7 @@ def test_chunked_request_is_rewritten_as_for_a_single_write(stack, vm_ok, chunk)
     stack.clear()
 
     rid = f"e2e-chunk-{secrets.token_hex(6)}"
-    r2, complete = send_chunked(stack.listener_port, "analytics", "/v1/events", body,
+    r2, complete = send_chunked(endpoint(stack, "profile"), "analytics", "/v1/events", body,
                                 chunk=chunk, headers=ct + [("x-request-id", rid)])
     assert complete and r2.status == 200, (r2.status, r2.body[:300])
     got = received_json(stack, "analytics")  # exact content-length from the buffer filter
@@ -417,8 +454,8 @@ def test_chunked_request_while_the_consent_store_is_slow(stack, vm_ok):
     body = json.dumps(batch).encode()
     rid = f"e2e-chunk-{secrets.token_hex(6)}"
     r, complete = send_chunked(
-        stack.listener_port, "marketing", "/v1/campaigns", body, chunk=7, pause=0,
-        headers=[("content-type", "application/json"), ("x-consentry-caller", "profile"),
+        endpoint(stack, "profile"), "marketing", "/v1/campaigns", body, chunk=7, pause=0,
+        headers=[("content-type", "application/json"),
                  ("x-request-id", rid), ("x-customer-id", hs),
                  ("x-customer-email", f"{hs}@example.test")])
     assert complete and r.status == 200, (r.status, r.body[:300])
@@ -433,9 +470,13 @@ def test_chunked_request_while_the_consent_store_is_slow(stack, vm_ok):
 # 2. HTTP/2
 # --------------------------------------------------------------------------------------
 
-def test_h2_request_in_several_data_frames(stack, vm_ok):
+@pytest.mark.parametrize("caller", [None, "profile"], ids=["h2c-unidentified", "h2-tls-profile"])
+def test_h2_request_in_several_data_frames(stack, vm_ok, caller):
+    """What analytics may receive depends on analytics alone: the same over h2c from an
+    unidentified client as over TLS from profile."""
     batch = customers()
-    res, rid = h2_post(stack, "analytics", "/v1/events", json.dumps(batch).encode(), pieces=5)
+    res, rid = h2_post(stack, "analytics", "/v1/events", json.dumps(batch).encode(), pieces=5,
+                       caller=caller)
     assert res.status == 200 and res.ended, res
     analytics_ok(received_json(stack, "analytics"), batch)
     assert decision(stack, rid, "request")["outcome"] == "modified"
@@ -587,7 +628,7 @@ def trailer_upstream():
 def trailer_stack(make_stack, trailer_upstream):
     """The example bootstrap (with the hold) whose `enrichment` cluster is the trailer
     upstream, with HTTP/1.1 trailers enabled on that cluster."""
-    s = make_stack(mtls=False, bootstrap_edit=_route_cluster_to(
+    s = make_stack(bootstrap_edit=_route_cluster_to(
         "enrichment", trailer_upstream.port, trailers=True))
     yield s
     s.stop()
@@ -597,7 +638,7 @@ def trailer_stack(make_stack, trailer_upstream):
 def nohold_stack(make_stack, trailer_upstream):
     """The example bootstrap without the Lua response hold (and the same trailer
     upstream behind `enrichment`)."""
-    s = make_stack(mtls=False, hold=False, bootstrap_edit=_route_cluster_to(
+    s = make_stack(hold=False, bootstrap_edit=_route_cluster_to(
         "enrichment", trailer_upstream.port, trailers=True))
     assert "envoy.filters.http.lua" not in s.config_path.read_text()
     yield s
@@ -615,9 +656,8 @@ def _view_ok_for_analytics(got: dict, batch: dict):
 def test_h2_response_with_upstream_trailers_is_rewritten(trailer_stack, trailer_upstream):
     before = vm_snapshot(trailer_stack)
     trailer_upstream.body = json.dumps(customers()).encode()
-    res = h2_request(trailer_stack.listener_port, "enrichment", "GET", "/v1/customers",
-                     headers=[("x-consentry-caller", "analytics"),
-                              ("x-request-id", f"e2e-tr-{secrets.token_hex(6)}")])
+    res = h2_request(endpoint(trailer_stack, "analytics"), "enrichment", "GET", "/v1/customers",
+                     headers=[("x-request-id", f"e2e-tr-{secrets.token_hex(6)}")])
     assert res.status == 200 and res.ended, res
     assert res.trailers, f"the upstream's trailers did not arrive (was the body judged?): {res}"
     _view_ok_for_analytics(json.loads(bytes(res.body)), customers())
@@ -629,8 +669,8 @@ def test_h2_blocked_response_with_trailers_becomes_403(trailer_stack, trailer_up
     before = vm_snapshot(trailer_stack)
     trailer_upstream.body = json.dumps(customers_with_iban()).encode()
     try:
-        res = h2_request(trailer_stack.listener_port, "enrichment", "GET", "/v1/customers",
-                         headers=[("x-consentry-caller", "analytics")])
+        res = h2_request(endpoint(trailer_stack, "analytics"), "enrichment", "GET",
+                         "/v1/customers")
     finally:
         trailer_upstream.body = json.dumps(customers()).encode()
     assert IBAN not in bytes(res.body).decode("utf-8", "replace"), res
@@ -657,13 +697,11 @@ def test_blocked_response_with_the_hold_is_a_403(stack, vm_ok):
     up = stack.services.upstreams["profile"]
     up.respond("/v1/customers", 200, {"content-type": "application/json"}, json.dumps(batch),
                times=2)
-    raw, _ = raw_exchange(stack.listener_port, "profile", "GET", "/v1/customers",
-                          [("x-consentry-caller", "analytics")])
+    raw, _ = raw_exchange(endpoint(stack, "analytics"), "profile", "GET", "/v1/customers", [])
     assert IBAN.encode() not in raw
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 403"), raw[:400]
-    res = h2_request(stack.listener_port, "profile", "GET", "/v1/customers",
-                     headers=[("x-consentry-caller", "analytics")])
+    res = h2_request(endpoint(stack, "analytics"), "profile", "GET", "/v1/customers")
     assert IBAN not in bytes(res.body).decode("utf-8", "replace")
     assert_refusal(res.status, bytes(res.body), 403, None, "consentry_blocked")
 
@@ -685,8 +723,8 @@ def test_without_the_hold_a_refused_response_is_cut_off(nohold_stack, case, body
     up = s.services.upstreams["profile"]
     up.respond("/v1/customers", 200, {"content-type": ctype}, body, times=2)
     rid = f"e2e-nohold-{secrets.token_hex(6)}"
-    raw, how = raw_exchange(s.listener_port, "profile", "GET", "/v1/customers",
-                            [("x-consentry-caller", "analytics"), ("x-request-id", rid)])
+    raw, how = raw_exchange(endpoint(s, "analytics"), "profile", "GET", "/v1/customers",
+                            [("x-request-id", rid)])
     assert IBAN.encode() not in raw, f"{case}: the IBAN reached the client ({how}): {raw[:600]!r}"
     assert b"Alice Keller" not in raw, f"{case}: customer data reached the client: {raw[:600]!r}"
     head = raw.partition(b"\r\n\r\n")[0]
@@ -699,8 +737,7 @@ def test_without_the_hold_a_refused_response_is_cut_off(nohold_stack, case, body
     d = decision(s, rid, "response")
     assert d["outcome"] in ("blocked", "uninspectable"), d
 
-    res = h2_request(s.listener_port, "profile", "GET", "/v1/customers",
-                     headers=[("x-consentry-caller", "analytics")])
+    res = h2_request(endpoint(s, "analytics"), "profile", "GET", "/v1/customers")
     assert IBAN not in bytes(res.body).decode("utf-8", "replace"), res
     if res.status == 200:
         assert res.reset is not None or res.goaway, \
@@ -723,8 +760,7 @@ def test_without_the_hold_a_blocked_response_with_trailers_is_cut_off(nohold_sta
     before = vm_snapshot(s)
     trailer_upstream.body = json.dumps(customers_with_iban()).encode()
     try:
-        res = h2_request(s.listener_port, "enrichment", "GET", "/v1/customers",
-                         headers=[("x-consentry-caller", "analytics")])
+        res = h2_request(endpoint(s, "analytics"), "enrichment", "GET", "/v1/customers")
     finally:
         trailer_upstream.body = json.dumps(customers()).encode()
     assert IBAN not in bytes(res.body).decode("utf-8", "replace"), res
@@ -838,12 +874,13 @@ def test_case_variants_of_a_declared_key_are_judged(stack, vm_ok, keys):
 
 
 def test_customer_json_inside_a_string_passes_as_an_undeclared_string(stack, vm_ok):
-    """KNOWN LIMIT: a customer object serialised into a JSON *string* is not parsed again.
-    The filter sees an undeclared string field (`note`) or, when the records path points
-    at a string, no records at all, and with the example policy's `undeclared: allow` it
-    passes unchanged, e-mail included. Only `undeclared: strip` (which removes every
-    field the policy does not declare) would withhold it. This test pins the current
-    behaviour so a change is noticed; it is not a guarantee."""
+    """KNOWN LIMIT: a customer object serialised into a JSON *string* inside a record is
+    not parsed again. The filter sees an undeclared string field (`note`), and with the
+    example policy's `undeclared: allow` it passes unchanged, e-mail included. Only
+    `undeclared: strip` (which removes every field the policy does not declare) would
+    withhold it. This test pins the current behaviour so a change is noticed; it is not
+    a guarantee. Where the records path itself points at such a string, the body is not
+    of the binding's shape and is refused (`shape_mismatch`)."""
     inner = {"email": "hidden.alice@example.com", "iban": "DE02120300000000202051"}
     c = customers()["customers"][0]
     c["note"] = json.dumps(inner)
@@ -857,9 +894,9 @@ def test_customer_json_inside_a_string_passes_as_an_undeclared_string(stack, vm_
     stack.clear()
     r, rid = stack.send("analytics", "POST", "/v1/events", caller="profile",
                         body={"customers": json.dumps([inner])})
-    assert r.status == 200, r.text()
-    got = received_json(stack, "analytics")
-    assert json.loads(got["customers"]) == [inner]
+    assert r.status == 400, r.text()
+    assert r.json()["reason"] == "shape_mismatch", r.text()
+    assert stack.recorded("analytics") == []
 
 
 # --------------------------------------------------------------------------------------
@@ -893,10 +930,9 @@ def test_oversized_chunked_body_is_refused_before_the_upstream(stack, vm_ok, chu
     c["padding"] = "x" * 1_500_000
     body = json.dumps({"customers": [c]}).encode()
     rid = f"e2e-big-{secrets.token_hex(6)}"
-    r, complete = send_chunked(stack.listener_port, "analytics", "/v1/events", body,
+    r, complete = send_chunked(endpoint(stack, "profile"), "analytics", "/v1/events", body,
                                chunk=chunk, pause=0,
                                headers=[("content-type", "application/json"),
-                                        ("x-consentry-caller", "profile"),
                                         ("x-request-id", rid)])
     assert_refusal(r.status, r.body, 413, "body_too_large")
     assert_no_customer_values(r.text(), customers(), "the refusal")

@@ -1,6 +1,7 @@
 //! The transformations applied to a field that may not pass, and keyed pseudonyms.
 
 use super::policy::MaskSpec;
+use super::route::hex_digit;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
@@ -98,7 +99,7 @@ pub fn percent_decode(s: &str) -> String {
                 out.push(b' ');
                 i += 1;
             }
-            b'%' if i + 2 < b.len() => match (hex_val(b[i + 1]), hex_val(b[i + 2])) {
+            b'%' if i + 2 < b.len() => match (hex_digit(b[i + 1]), hex_digit(b[i + 2])) {
                 (Some(h), Some(l)) => {
                     out.push(h << 4 | l);
                     i += 3;
@@ -115,15 +116,6 @@ pub fn percent_decode(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
 }
 
 /// Encodes a query component: unreserved characters stay, the rest becomes `%XX`.

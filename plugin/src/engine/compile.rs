@@ -8,8 +8,9 @@ use super::decision::Grant;
 use super::matcher::Matcher;
 use super::policy::{
     ActionSpec, ConsentStore, DirectionSpec, FailMode, LegalBasis, MaskSpec, MessageSubject, Mode,
-    PolicyFile, Undeclared,
+    PolicyFile, ShapeMismatch, Undeclared,
 };
+use super::route;
 use super::selector::Selector;
 use super::{BindingId, Direction, ServiceId};
 use std::collections::HashMap;
@@ -111,6 +112,8 @@ pub(crate) struct CService {
     /// service's order of preference.
     pub grants: Vec<Vec<usize>>,
     pub has_consent_purpose: bool,
+    /// Binding prefixes match this service's request paths case-sensitively.
+    pub case_sensitive_paths: bool,
 }
 
 #[derive(Debug)]
@@ -133,12 +136,40 @@ pub(crate) struct CNamed {
     pub name: String,
     pub category: usize,
     pub action: Action,
+    /// Query parameters: compare names case-sensitively.
+    pub case_sensitive: bool,
+}
+
+impl CNamed {
+    /// Whether a query parameter, by its raw (still encoded) name, is this one: the
+    /// name is read as frameworks read it ([`route::param_base_name`]).
+    pub fn is_param(&self, raw_name: &str) -> bool {
+        param_is(&self.name, self.case_sensitive, raw_name)
+    }
+
+    /// Whether a header, by its name as the host gives it, is this one.
+    pub fn is_header(&self, name: &str) -> bool {
+        route::header_name_eq(name, &self.name)
+    }
+}
+
+/// Whether the query parameter spelled `raw_name` is the parameter `name`.
+pub(crate) fn param_is(name: &str, case_sensitive: bool, raw_name: &str) -> bool {
+    let base = route::param_base_name(raw_name);
+    if case_sensitive {
+        base == name
+    } else {
+        base.eq_ignore_ascii_case(name)
+    }
 }
 
 #[derive(Debug)]
 pub(crate) struct CBinding {
     pub name: String,
+    /// Path prefixes in canonical form ([`route::canonical_path`]).
     pub paths: Vec<String>,
+    /// The same, as compared case-insensitively ([`route::fold_case`]).
+    pub paths_folded: Vec<String>,
     pub methods: Vec<String>,
     pub direction: DirectionSpec,
     pub records: Selector,
@@ -150,6 +181,13 @@ pub(crate) struct CBinding {
     pub message_subject: Option<MessageSubject>,
     pub headers: Vec<CNamed>,
     pub query: Vec<CNamed>,
+    pub shape_mismatch: ShapeMismatch,
+    /// `records` without its last step, without its last two, ... down to `$`: where an
+    /// empty batch is told from a body of another shape.
+    pub records_prefixes: Vec<Selector>,
+    /// Every selector of the binding starts with a member name, so a record that is not
+    /// an object cannot hold what the binding declares: it is of another shape.
+    pub records_are_objects: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +197,14 @@ pub struct StoreConfig {
     pub path: String,
     pub timeout_ms: u64,
     pub cache_ttl_s: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct CCallerHeader {
+    /// Lower-case.
+    pub name: String,
+    pub trusted_from: Vec<ServiceId>,
+    pub trust_plaintext: bool,
 }
 
 #[derive(Debug)]
@@ -182,7 +228,7 @@ pub struct Policy {
     pub(crate) max_depth: usize,
     pub(crate) max_records: usize,
     pub(crate) log_untouched: bool,
-    pub(crate) caller_header: Option<String>,
+    pub(crate) caller_header: Option<CCallerHeader>,
     pub(crate) services: Vec<CService>,
     pub(crate) by_cluster: HashMap<String, usize>,
     pub(crate) by_authority: HashMap<String, usize>,
@@ -412,19 +458,36 @@ impl Policy {
             service_names.push(name.clone());
         }
 
-        let caller_header = file
-            .identity
-            .caller_header
-            .as_ref()
-            .map(|h| h.to_ascii_lowercase());
-        if let Some(h) = &caller_header {
-            if !is_header_name(h) {
+        let caller_header = file.identity.caller_header.as_ref().map(|h| {
+            if !is_header_name(&h.name) {
                 errs.at(
-                    "/identity/caller_header",
-                    format!("`{h}` is not a valid header name"),
+                    "/identity/caller_header/name",
+                    format!("`{}` is not a valid header name", h.name),
                 );
             }
-        }
+            if h.trusted_from.is_empty() && !h.trust_plaintext {
+                errs.at("/identity/caller_header/trusted_from", "no caller may assert an identity with this header, so it would always be ignored; name the gateway that sets it, e.g. \"trusted_from\": [\"gateway\"]");
+            }
+            let mut trusted_from = Vec::new();
+            for (i, c) in h.trusted_from.iter().enumerate() {
+                match by_name.get(c) {
+                    Some(&id) if file.services.get(c).is_some_and(|s| s.principals.is_empty()) => {
+                        errs.at(format!("/identity/caller_header/trusted_from/{i}"), format!("service `{c}` has no principals, so no request can come from it; trust is given to an mTLS identity: list its SPIFFE id under services.{c}.principals"));
+                        trusted_from.push(ServiceId(id));
+                    }
+                    Some(&id) => trusted_from.push(ServiceId(id)),
+                    None => errs.at(
+                        format!("/identity/caller_header/trusted_from/{i}"),
+                        format!("`{c}` is not a service of this policy; define it under `services`"),
+                    ),
+                }
+            }
+            CCallerHeader {
+                name: h.name.to_ascii_lowercase(),
+                trusted_from,
+                trust_plaintext: h.trust_plaintext,
+            }
+        });
 
         let consent_header = file.consent.header.as_ref().map(|h| {
             let mut trusted = Vec::new();
@@ -480,9 +543,18 @@ impl Policy {
             if let Some(prev) = seen_names.insert(m.name.clone(), bi) {
                 errs.at(format!("{at}/name"), format!("binding name `{}` is already used by /messages/{prev}; names appear in logs and must be unique", m.name));
             }
+            let mut paths = Vec::new();
             for (i, p) in m.paths.iter().enumerate() {
-                if !p.starts_with('/') || p.contains('?') {
+                if !p.starts_with('/') || p.contains(['?', '#']) {
                     errs.at(format!("{at}/paths/{i}"), format!("`{p}` is not a path prefix; write it like `/v1/customers`, without a query"));
+                    continue;
+                }
+                match route::canonical_path(p) {
+                    Ok(c) => paths.push(c),
+                    Err(problem) => errs.at(
+                        format!("{at}/paths/{i}"),
+                        format!("`{p}` cannot be a path prefix: {problem}"),
+                    ),
                 }
             }
             let mut methods = Vec::new();
@@ -556,22 +628,45 @@ impl Policy {
                 errs.at(at.clone(), format!("binding `{}` declares no fields, headers or query parameters and undeclared data is allowed, so it can change nothing; declare what it carries", m.name));
             }
             if let Some(ms) = &m.message_subject {
-                if let MessageSubject::Header(h) = ms {
-                    if !is_header_name(h) {
-                        errs.at(
-                            format!("{at}/message_subject/header"),
-                            format!("`{h}` is not a valid header name"),
-                        );
-                    }
+                match ms {
+                    MessageSubject::Header(h) if !is_header_name(h) => errs.at(
+                        format!("{at}/message_subject/header"),
+                        format!("`{h}` is not a valid header name"),
+                    ),
+                    MessageSubject::Query(q) if q.is_empty() || q.contains('[') => errs.at(
+                        format!("{at}/message_subject/query"),
+                        format!("`{q}` is not a parameter name; write it without brackets (`id` covers `id[]` too)"),
+                    ),
+                    _ => {}
                 }
                 needs_subject_key = true;
             }
             needs_subject_key |= subject.is_some();
             if let Some(records) = records {
                 let matcher = Matcher::new(fields.iter().map(|f| &f.selector));
+                let records_prefixes = (0..records.steps.len())
+                    .rev()
+                    .map(|k| Selector {
+                        source: records.source.clone(),
+                        steps: records.steps[..k].to_vec(),
+                    })
+                    .collect();
+                let starts_with_name = |s: &Selector| {
+                    s.steps.first().is_some_and(|step| {
+                        !step.descendant
+                            && step
+                                .atoms
+                                .iter()
+                                .all(|a| matches!(a, super::selector::Atom::Name(_)))
+                    })
+                };
+                let records_are_objects = fields.iter().all(|f| starts_with_name(&f.selector))
+                    && subject.as_ref().is_none_or(starts_with_name)
+                    && consent.as_ref().is_none_or(starts_with_name);
                 bindings.push(CBinding {
                     name: m.name.clone(),
-                    paths: m.paths.clone(),
+                    paths_folded: paths.iter().map(|p| route::fold_case(p)).collect(),
+                    paths,
                     methods,
                     direction: m.direction,
                     records,
@@ -585,6 +680,9 @@ impl Policy {
                     }),
                     headers,
                     query,
+                    shape_mismatch: m.shape_mismatch,
+                    records_prefixes,
+                    records_are_objects,
                 });
             }
         }
@@ -605,6 +703,10 @@ impl Policy {
                     })
                     .collect(),
                 has_consent_purpose: ps.iter().any(|&p| purposes[p].basis == LegalBasis::Consent),
+                case_sensitive_paths: file
+                    .services
+                    .get(name)
+                    .is_some_and(|s| s.case_sensitive_paths),
             })
             .collect();
 
@@ -706,9 +808,9 @@ impl Policy {
         self.log_untouched
     }
 
-    /// The header that names the caller, if the policy trusts one.
+    /// The header in which a trusted gateway names the caller, if the policy has one.
     pub fn caller_header(&self) -> Option<&str> {
-        self.caller_header.as_deref()
+        self.caller_header.as_ref().map(|h| h.name.as_str())
     }
 
     /// The consent header, if the policy reads one.
@@ -724,10 +826,74 @@ impl Policy {
         &self.services[id.0].name
     }
 
-    /// The binding that covers a message, if any. A message no binding covers is not
-    /// inspected at all.
+    /// The binding that covers a message of `direction` to or from `upstream`, if any,
+    /// chosen from the canonical path ([`route`]). A message no binding covers is not
+    /// inspected at all. A path with no single safe reading is refused when some reading
+    /// of it could be covered: `Err` with why.
+    pub fn route(
+        &self,
+        method: &str,
+        raw_path: &str,
+        upstream: Option<ServiceId>,
+    ) -> Result<RouteMatch, route::PathProblem> {
+        let case_sensitive = upstream.is_some_and(|u| self.services[u.0].case_sensitive_paths);
+        match route::canonical_path(raw_path) {
+            Ok(path) => {
+                let folded = (!case_sensitive).then(|| route::fold_case(&path));
+                let find = |d| self.find_binding(d, method, &path, folded.as_deref());
+                let bindings = [find(Direction::Request), find(Direction::Response)];
+                Ok(RouteMatch { path, bindings })
+            }
+            Err(problem) => {
+                let lenient = route::lenient_path(raw_path);
+                let folded = route::fold_case(&lenient);
+                let covered = [Direction::Request, Direction::Response]
+                    .into_iter()
+                    .any(|d| {
+                        self.find_binding(d, method, &lenient, Some(&folded))
+                            .is_some()
+                    });
+                if covered {
+                    Err(problem)
+                } else {
+                    Ok(RouteMatch {
+                        path: lenient,
+                        bindings: [None, None],
+                    })
+                }
+            }
+        }
+    }
+
+    /// Whether an exchange with this method and path could need the filter at all: some
+    /// binding may cover it in either direction (for any recipient), or its path is
+    /// refused. `false` is certain; the header callback skips the exchange on it.
+    pub fn may_cover(&self, method: &str, raw_path: &str) -> bool {
+        match self.route(method, raw_path, None) {
+            Ok(m) => m.bindings.iter().any(Option::is_some),
+            Err(_) => true,
+        }
+    }
+
+    /// The binding that covers a message, if any, for any recipient (paths compared in
+    /// any case); see [`Policy::route`].
     pub fn binding_for(&self, direction: Direction, method: &str, path: &str) -> Option<BindingId> {
-        let path = path.split('?').next().unwrap_or("");
+        let m = self.route(method, path, None).ok()?;
+        m.bindings[match direction {
+            Direction::Request => 0,
+            Direction::Response => 1,
+        }]
+    }
+
+    /// The first binding for `direction` and `method` whose prefixes cover `canonical`,
+    /// or, when it is given, its case-folded form `folded` (case-insensitive matching).
+    fn find_binding(
+        &self,
+        direction: Direction,
+        method: &str,
+        canonical: &str,
+        folded: Option<&str>,
+    ) -> Option<BindingId> {
         self.bindings
             .iter()
             .position(|b| {
@@ -739,9 +905,44 @@ impl Policy {
                 dir_ok
                     && (b.methods.is_empty()
                         || b.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
-                    && (b.paths.is_empty() || b.paths.iter().any(|p| path_has_prefix(path, p)))
+                    && (b.paths.is_empty()
+                        || match folded {
+                            Some(f) => b.paths_folded.iter().any(|p| route::has_prefix(f, p, true)),
+                            None => b
+                                .paths
+                                .iter()
+                                .any(|p| route::has_prefix(canonical, p, true)),
+                        })
             })
             .map(BindingId)
+    }
+
+    /// The prefix of canonical `path` that binding `b` covers it by (`/v1/customers`),
+    /// followed by `/…` when the path goes on: what the decision log names, since the
+    /// rest of a path may hold a customer id.
+    pub(crate) fn logged_path(&self, b: BindingId, path: &str) -> String {
+        let binding = &self.bindings[b.0];
+        let folded = route::fold_case(path);
+        // As many segments as the longest prefix that covers it has.
+        let keep = binding
+            .paths_folded
+            .iter()
+            .filter(|p| route::has_prefix(&folded, p, true))
+            .map(|p| route::segment_count(p))
+            .max()
+            .unwrap_or(0);
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let mut out = String::new();
+        for s in &segments[..keep.min(segments.len())] {
+            out.push('/');
+            out.push_str(s);
+        }
+        if segments.len() > keep {
+            out.push_str("/…");
+        } else if out.is_empty() {
+            out.push('/');
+        }
+        out
     }
 
     /// Whether the message's recipient may receive every category its binding declares
@@ -811,11 +1012,13 @@ fn open_grants(b: &CBinding, s: &CService, purposes: &[CPurpose]) -> Option<Open
     Some(out)
 }
 
-/// `/v1/customers` covers `/v1/customers`, `/v1/customers/42` and `/v1/customers?x`,
-/// but not `/v1/customersX`.
-fn path_has_prefix(path: &str, prefix: &str) -> bool {
-    let prefix = prefix.trim_end_matches('/');
-    path.starts_with(prefix) && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/'))
+/// The bindings an exchange's canonical path selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteMatch {
+    /// The canonical path (the lenient reading when no binding could cover it).
+    pub path: String,
+    /// For the request and for the response.
+    pub bindings: [Option<BindingId>; 2],
 }
 
 fn service_names_get(
@@ -879,6 +1082,8 @@ fn named(
                 format!("{nat}/name"),
                 format!("`{}` is not a valid header name", n.name),
             );
+        } else if !header && n.name.contains('[') {
+            errs.at(format!("{nat}/name"), format!("write the parameter name without brackets: `{}` already covers `{0}[]`, `{0}[0]` and `{0}[key]`", n.name.split('[').next().unwrap_or("")));
         }
         if !is_dotted_name(&n.category) {
             errs.at(format!("{nat}/category"), format!("`{}` is not a data category; categories are dotted lower-case names like `user.contact.email`", n.category));
@@ -889,6 +1094,9 @@ fn named(
             .map(Action::from)
             .unwrap_or_else(|| default_action.clone());
         *needs_hash_key |= action == Action::Hash;
+        if header && n.case_sensitive {
+            errs.at(format!("{nat}/case_sensitive"), "header names are case-insensitive in HTTP; remove case_sensitive here (it applies to query parameters)");
+        }
         out.push(CNamed {
             name: if header {
                 n.name.to_ascii_lowercase()
@@ -897,6 +1105,7 @@ fn named(
             },
             category: intern(categories, &n.category),
             action,
+            case_sensitive: n.case_sensitive,
         });
     }
     out
@@ -946,13 +1155,5 @@ mod tests {
         assert!(category_covers("user.contact", "user.contact"));
         assert!(!category_covers("user.contact", "user.contacts"));
         assert!(!category_covers("user.contact.email", "user.contact"));
-    }
-
-    #[test]
-    fn path_prefixes_stop_at_segments() {
-        assert!(path_has_prefix("/v1/customers", "/v1/customers"));
-        assert!(path_has_prefix("/v1/customers/42", "/v1/customers/"));
-        assert!(!path_has_prefix("/v1/customersX", "/v1/customers"));
-        assert!(path_has_prefix("/anything", "/"));
     }
 }

@@ -81,7 +81,14 @@ pub struct DecisionLog {
     pub policy: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub binding: Option<String>,
+    /// The canonical request path the binding was chosen by, up to the end of the prefix
+    /// that covers it (`/v1/customers/…`: the rest may hold a customer id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     pub caller: String,
+    /// What the caller's identity came from: `principal`, `trusted_header`,
+    /// `plaintext_header` or `none` (the caller is unknown).
+    pub caller_identity: &'static str,
     pub recipient: String,
     pub direction: &'static str,
     pub mode: &'static str,

@@ -2,12 +2,13 @@
 //! apply the actions. Nothing here parses the policy or a JSONPath again.
 
 use super::actions::{hash_value, mask_value, percent_decode, percent_encode, subject_pseudonym};
-use super::compile::{Action, CBinding, CNamed, Policy};
+use super::compile::{param_is, Action, CBinding, CNamed, Policy};
 use super::consent::{granted, ConsentAnswer, HeaderConsent, StoreAnswers};
 use super::decision::{DecisionLog, FieldDecision, Grant, Outcome, Reason, MAX_LOGGED_FIELDS};
 use super::encoding;
 use super::matcher::Cursor;
-use super::policy::{FailMode, LegalBasis, MessageSubject, Mode, Undeclared};
+use super::policy::{FailMode, LegalBasis, MessageSubject, Mode, ShapeMismatch, Undeclared};
+use super::route;
 use super::selector::{push_edge, Edge, Selector};
 use super::strict_json::StrictError;
 use super::{BindingId, Direction, ServiceId};
@@ -25,6 +26,38 @@ pub struct Party {
     pub service: Option<ServiceId>,
     /// The service name, or `unknown(...)` with the identity that was seen.
     pub label: String,
+    /// What named it.
+    pub source: IdentitySource,
+}
+
+/// What a party's identity was taken from; the decision log names it for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// The mTLS peer principal (SPIFFE URI SAN).
+    Principal,
+    /// The caller header, sent by a principal the policy trusts to assert it.
+    TrustedHeader,
+    /// The caller header on a request without a principal, where the policy opts in.
+    PlaintextHeader,
+    /// Envoy's upstream cluster.
+    Cluster,
+    /// The `:authority`.
+    Authority,
+    /// Nothing the policy trusts named it: the party is unknown.
+    None,
+}
+
+impl IdentitySource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentitySource::Principal => "principal",
+            IdentitySource::TrustedHeader => "trusted_header",
+            IdentitySource::PlaintextHeader => "plaintext_header",
+            IdentitySource::Cluster => "cluster",
+            IdentitySource::Authority => "authority",
+            IdentitySource::None => "none",
+        }
+    }
 }
 
 /// What the filter knows about one request/response exchange.
@@ -32,8 +65,14 @@ pub struct Party {
 pub struct Exchange {
     pub request_id: Option<String>,
     pub method: String,
-    /// `:path` of the request, query included.
+    /// `:path` of the request as the filter received it, query included.
     pub path: String,
+    /// The path bindings were chosen by ([`route::canonical_path`]); when the path has
+    /// no single safe reading, its most covering reading.
+    pub canonical_path: String,
+    /// Set when the path has no single safe reading and some reading of it could be
+    /// covered: the request is refused with it.
+    pub route_refusal: Option<Uninspectable>,
     pub caller: Party,
     pub upstream: Party,
     /// Consent from the trusted consent header, if present and trusted.
@@ -76,6 +115,11 @@ pub enum UninspectableKind {
     /// JSON that parsers read differently (a duplicate key).
     Ambiguous,
     ConsentStore,
+    /// A path with no single safe reading (an encoded slash, an invalid escape, ...).
+    UnsafePath,
+    /// A covered body in which the binding's records path finds nothing, and that is not
+    /// an empty batch: its data would go unjudged.
+    ShapeMismatch,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +127,9 @@ pub struct Uninspectable {
     pub kind: UninspectableKind,
     /// What was wrong, for the client and the log; never a customer value.
     pub detail: String,
+    /// The policy lets this message pass anyway (a binding's `shape_mismatch: pass`):
+    /// it is logged as uninspectable and not enforced, like `fail: open`.
+    pub tolerated: bool,
 }
 
 impl Uninspectable {
@@ -90,6 +137,7 @@ impl Uninspectable {
         Uninspectable {
             kind,
             detail: detail.into(),
+            tolerated: false,
         }
     }
 
@@ -103,6 +151,8 @@ impl Uninspectable {
             UninspectableKind::TooManyRecords => "too_many_records",
             UninspectableKind::Ambiguous => "ambiguous_json",
             UninspectableKind::ConsentStore => "consent_store_unavailable",
+            UninspectableKind::UnsafePath => "unsafe_path",
+            UninspectableKind::ShapeMismatch => "shape_mismatch",
         }
     }
 
@@ -680,8 +730,12 @@ impl Policy {
                 self.by_authority.get(host)
             })
         };
-        match by_cluster.or_else(by_authority) {
-            Some(&id) => self.party(id),
+        let found = match by_cluster {
+            Some(&id) => Some((id, IdentitySource::Cluster)),
+            None => by_authority().map(|&id| (id, IdentitySource::Authority)),
+        };
+        match found {
+            Some((id, source)) => self.party(id, source),
             None => Party {
                 service: None,
                 label: format!(
@@ -689,31 +743,73 @@ impl Policy {
                     cluster.unwrap_or("-"),
                     authority.unwrap_or("-")
                 ),
+                source: IdentitySource::None,
             },
         }
     }
 
-    /// Names the caller from its mTLS principal (SPIFFE URI SAN) or, only where the
-    /// policy trusts a caller header, from that header.
+    /// Names the caller from its mTLS principal (SPIFFE URI SAN) and, with a single
+    /// value, the caller header; see [`Policy::identify_caller_from`].
     pub fn identify_caller(&self, principal: Option<&str>, header: Option<&str>) -> Party {
-        if let Some(&id) = principal.and_then(|p| self.by_principal.get(p)) {
-            return self.party(id);
-        }
-        if self.caller_header.is_some() {
-            if let Some(&id) = header.and_then(|h| self.by_name.get(h.trim())) {
-                return self.party(id);
-            }
-        }
-        Party {
+        self.identify_caller_from(principal, header.as_slice())
+    }
+
+    /// Names the caller. The mTLS principal decides: a known principal is its service,
+    /// an unknown one is the unknown caller, whatever any header claims. Only a
+    /// principal the policy lists in `identity.caller_header.trusted_from` (an edge
+    /// gateway) may name another service with the caller header, and without a
+    /// principal the header counts only where the policy sets `trust_plaintext`. A
+    /// repeated header, or one naming no service of the policy, names nobody: the caller
+    /// is then unknown, never the asserting gateway itself.
+    pub fn identify_caller_from(&self, principal: Option<&str>, header: &[&str]) -> Party {
+        let unknown = |label: String| Party {
             service: None,
-            label: format!("unknown(principal={})", principal.unwrap_or("-")),
+            label,
+            source: IdentitySource::None,
+        };
+        let claimed = |source: IdentitySource| -> Option<Party> {
+            let (name, rest) = header.split_first()?;
+            if !rest.is_empty() {
+                return Some(unknown(format!(
+                    "unknown(caller_header repeated {} times)",
+                    header.len()
+                )));
+            }
+            Some(match self.by_name.get(name.trim()) {
+                Some(&id) => self.party(id, source),
+                None => unknown(format!("unknown(caller_header={})", short(name.trim()))),
+            })
+        };
+        let ch = self.caller_header.as_ref();
+        match principal {
+            Some(p) => match self.by_principal.get(p) {
+                Some(&id) => {
+                    let trusted = ch.is_some_and(|h| h.trusted_from.contains(&ServiceId(id)));
+                    match trusted
+                        .then(|| claimed(IdentitySource::TrustedHeader))
+                        .flatten()
+                    {
+                        Some(party) => party,
+                        None => self.party(id, IdentitySource::Principal),
+                    }
+                }
+                None => unknown(format!("unknown(principal={})", short(p))),
+            },
+            None => match ch
+                .filter(|h| h.trust_plaintext)
+                .and_then(|_| claimed(IdentitySource::PlaintextHeader))
+            {
+                Some(party) => party,
+                None => unknown("unknown(principal=-)".to_string()),
+            },
         }
     }
 
-    fn party(&self, id: usize) -> Party {
+    fn party(&self, id: usize, source: IdentitySource) -> Party {
         Party {
             service: Some(ServiceId(id)),
             label: self.services[id].name.clone(),
+            source,
         }
     }
 
@@ -729,24 +825,35 @@ impl Policy {
         upstream: Party,
         headers: &[(String, String)],
     ) -> Exchange {
+        let (canonical_path, bindings, route_refusal) =
+            match self.route(method, path, upstream.service) {
+                Ok(m) => (m.path, m.bindings, None),
+                Err(problem) => (
+                    route::lenient_path(path),
+                    [None, None],
+                    Some(Uninspectable::new(
+                        UninspectableKind::UnsafePath,
+                        format!("{problem}; the request path could not be matched safely against the policy's routes"),
+                    )),
+                ),
+            };
         let mut ex = Exchange {
             request_id,
             method: method.to_string(),
             path: path.to_string(),
+            canonical_path,
+            route_refusal,
             caller,
             upstream,
             header_consent: None,
             header_consent_note: None,
             message_subject: None,
-            bindings: [
-                self.binding_for(Direction::Request, method, path),
-                self.binding_for(Direction::Response, method, path),
-            ],
+            bindings,
         };
         if let Some(h) = &self.consent_header {
             let values: Vec<&str> = headers
                 .iter()
-                .filter(|(k, _)| *k == h.name)
+                .filter(|(k, _)| route::header_name_eq(k, &h.name))
                 .map(|(_, v)| v.as_str())
                 .collect();
             if !values.is_empty() {
@@ -775,7 +882,7 @@ impl Policy {
                 Some(MessageSubject::Header(name)) => {
                     let mut vals = headers
                         .iter()
-                        .filter(|(k, _)| k == name)
+                        .filter(|(k, _)| route::header_name_eq(k, name))
                         .map(|(_, v)| v.trim());
                     match (vals.next(), vals.next()) {
                         // Two different subjects for one message: trust neither.
@@ -784,7 +891,9 @@ impl Policy {
                     }
                 }
                 Some(MessageSubject::Query(name)) => {
-                    let mut vals = query_pairs(path).filter(|(k, _)| k == name).map(|(_, v)| v);
+                    let mut vals = query_pairs(path)
+                        .filter(|(k, _)| param_is(name, false, k))
+                        .map(|(_, v)| v);
                     match (vals.next(), vals.next()) {
                         (Some(v), None) if !v.is_empty() => Some(v),
                         _ => None,
@@ -867,12 +976,12 @@ impl Policy {
         let has_header_data = binding
             .headers
             .iter()
-            .any(|h| headers.iter().any(|(k, _)| *k == h.name));
+            .any(|h| headers.iter().any(|(k, _)| h.is_header(k)));
         let has_query_data = direction == Direction::Request
             && binding
                 .query
                 .iter()
-                .any(|q| query_pairs(&ex.path).any(|(k, _)| k == q.name));
+                .any(|q| query_pairs(&ex.path).any(|(k, _)| q.is_param(&k)));
         if has_header_data || has_query_data {
             if let Some(s) = &ex.message_subject {
                 if self.needs_store(ex, direction, s, None) {
@@ -898,18 +1007,32 @@ impl Policy {
         let binding = &self.bindings[b.0];
         let judge = Judge::new(self, ex, direction, ex.message_subject.as_deref(), store);
         for h in &binding.headers {
-            let values: Vec<&str> = headers
+            // Every instance, in every spelling of the name (`x_customer_email` too).
+            let found: Vec<(&str, &str)> = headers
                 .iter()
-                .filter(|(k, _)| *k == h.name)
-                .map(|(_, v)| v.as_str())
+                .filter(|(k, _)| h.is_header(k))
+                .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
-            if values.is_empty() {
+            if found.is_empty() {
                 continue;
             }
+            let values: Vec<&str> = found.iter().map(|(_, v)| *v).collect();
             let (new_values, changed) =
                 self.judge_named(&judge, h, "header", &values, &mut verdict.report);
             if changed {
-                verdict.set_headers.push((h.name.clone(), new_values));
+                let mut spellings: Vec<&str> = found.iter().map(|(k, _)| *k).collect();
+                spellings.sort_unstable();
+                spellings.dedup();
+                // Each spelling keeps its own instances' new values.
+                for spelling in spellings {
+                    let mine = found
+                        .iter()
+                        .zip(&new_values)
+                        .filter(|((k, _), _)| *k == spelling)
+                        .filter_map(|(_, nv)| nv.clone())
+                        .collect();
+                    verdict.set_headers.push((spelling.to_string(), mine));
+                }
             }
         }
         if direction == Direction::Request && !binding.query.is_empty() {
@@ -917,14 +1040,18 @@ impl Policy {
                 Some((b, q)) => (b, q),
                 None => (ex.path.as_str(), ""),
             };
-            let mut parts: Vec<String> = Vec::new();
+            let mut out = String::new();
             let mut changed_any = false;
-            for raw in query.split('&').filter(|p| !p.is_empty()) {
-                let (k, v) = raw.split_once('=').unwrap_or((raw, ""));
-                let key = percent_decode(k);
-                match binding.query.iter().find(|q| q.name == key) {
+            let push = |out: &mut String, sep: Option<char>, text: &str| {
+                if !out.is_empty() {
+                    out.push(sep.unwrap_or('&'));
+                }
+                out.push_str(text);
+            };
+            for p in route::query_params(query) {
+                match binding.query.iter().find(|q| q.is_param(p.raw_name())) {
                     Some(q) => {
-                        let value = percent_decode(v);
+                        let value = percent_decode(p.raw_value());
                         let (new, changed) = self.judge_named(
                             &judge,
                             q,
@@ -934,28 +1061,30 @@ impl Policy {
                         );
                         if changed {
                             changed_any = true;
-                            if let Some(nv) = new.first() {
-                                parts.push(format!("{k}={}", percent_encode(nv)));
+                            if let Some(Some(nv)) = new.first() {
+                                let text = format!("{}={}", p.raw_name(), percent_encode(nv));
+                                push(&mut out, p.sep, &text);
                             }
                         } else {
-                            parts.push(raw.to_string());
+                            push(&mut out, p.sep, p.raw);
                         }
                     }
-                    None => parts.push(raw.to_string()),
+                    None => push(&mut out, p.sep, p.raw),
                 }
             }
             if changed_any {
-                verdict.new_path = Some(if parts.is_empty() {
+                verdict.new_path = Some(if out.is_empty() {
                     base.to_string()
                 } else {
-                    format!("{base}?{}", parts.join("&"))
+                    format!("{base}?{out}")
                 });
             }
         }
         verdict
     }
 
-    /// Decides one header or query parameter with all its values.
+    /// Decides one header or query parameter with all its values. When it changed, the
+    /// new value of each (`None`: removed), in order.
     fn judge_named(
         &self,
         judge: &Judge<'_>,
@@ -963,7 +1092,7 @@ impl Policy {
         what: &str,
         values: &[&str],
         report: &mut Report,
-    ) -> (Vec<String>, bool) {
+    ) -> (Vec<Option<String>>, bool) {
         let v = judge.decide(n.category);
         let category = &self.categories[n.category];
         let path = || format!("{what}:{}", n.name);
@@ -984,12 +1113,10 @@ impl Policy {
         let mut out = Vec::new();
         for value in values {
             let mut node = Value::String((*value).to_string());
-            if !judge.apply(&mut node, &n.action) {
-                out.push(match node {
-                    Value::String(s) => s,
-                    other => other.to_string(),
-                });
-            }
+            out.push((!judge.apply(&mut node, &n.action)).then(|| match node {
+                Value::String(s) => s,
+                other => other.to_string(),
+            }));
         }
         (out, true)
     }
@@ -1114,6 +1241,11 @@ impl Policy {
                 format!("more than {} records (found at least {n}); split the batch or raise limits.max_records", self.max_records),
             )
         })?;
+        if let Some(why) = self.shape_problem(binding, &doc, &paths) {
+            let mut refusal = Uninspectable::new(UninspectableKind::ShapeMismatch, why);
+            refusal.tolerated = binding.shape_mismatch == ShapeMismatch::Pass;
+            return Err(refusal);
+        }
         for path in paths {
             let Some(record) = get_path_mut_ref(&doc, &path) else {
                 continue;
@@ -1144,6 +1276,66 @@ impl Policy {
         }
         plan.doc = Some(doc);
         Ok(plan)
+    }
+
+    /// Why a body does not have its binding's shape, if it does not. A body has it when
+    /// `records` finds records that can hold what the binding declares (objects, `null`
+    /// or empty arrays; any array where a selector starts with an index or a wildcard;
+    /// anything with `undeclared: strip`, which removes what it does not judge), or when
+    /// it finds none because the batch is empty: the deepest part of the records path
+    /// that exists in the body selects only empty containers (`{"customers": []}`, or
+    /// `{}`, `[]`, `null` as the whole body). Anything else (a renamed envelope, a bare
+    /// record, a top-level array, a list of strings) would carry its data past the
+    /// policy unjudged.
+    fn shape_problem(
+        &self,
+        binding: &CBinding,
+        doc: &Value,
+        records: &[Vec<PathElem>],
+    ) -> Option<String> {
+        let records_path = &binding.records.source;
+        let mismatch = || {
+            format!("the body has no records at `{records_path}` and is not an empty batch, so the data in it would pass unjudged; send the records where binding `{}` expects them, or have the policy bind this shape", binding.name)
+        };
+        if records.is_empty() && !binding.records.steps.iter().any(|s| s.descendant) {
+            return (!empty_batch(doc, &binding.records.steps)).then(mismatch);
+        }
+        if records.is_empty() {
+            // With a `..` step the records may be anywhere: the deepest part of the path
+            // that is in the body must select only empty containers.
+            for prefix in &binding.records_prefixes {
+                let nodes = find_all(prefix, doc, self.max_records).unwrap_or_else(|_| vec![]);
+                if nodes.is_empty() {
+                    continue;
+                }
+                let empty = |v: &Value| match v {
+                    Value::Null => true,
+                    Value::Array(a) => a.is_empty(),
+                    Value::Object(o) => o.is_empty(),
+                    _ => false,
+                };
+                let all_empty = nodes
+                    .iter()
+                    .all(|p| get_path_mut_ref(doc, p).is_some_and(empty));
+                return (!all_empty).then(mismatch);
+            }
+            return None;
+        }
+        // With `undeclared: strip` whatever a record holds is judged or removed.
+        if self.undeclared == Undeclared::Strip {
+            return None;
+        }
+        for p in records {
+            let ok = match get_path_mut_ref(doc, p) {
+                None | Some(Value::Null | Value::Object(_)) => true,
+                Some(Value::Array(a)) => a.is_empty() || !binding.records_are_objects,
+                Some(_) => false,
+            };
+            if !ok {
+                return Some(format!("a record at `{}` is not a JSON object, so binding `{}` cannot judge what it holds; send each record as an object", path_string(p), binding.name));
+            }
+        }
+        None
     }
 
     /// Decides every record of a planned body and applies the actions.
@@ -1209,8 +1401,8 @@ impl Policy {
         } else {
             Outcome::Allowed
         };
-        let enforced =
-            self.mode == Mode::Enforce && !(failure.is_some() && self.fail == FailMode::Open);
+        let enforced = self.mode == Mode::Enforce
+            && !failure.is_some_and(|f| f.tolerated || self.fail == FailMode::Open);
         let status = match (enforced, failure, outcome) {
             (true, Some(f), _) => Some(f.status(direction)),
             (true, None, Outcome::Blocked) => Some(403),
@@ -1230,7 +1422,11 @@ impl Policy {
             binding: ex
                 .binding(direction)
                 .map(|b| self.binding_name(b).to_string()),
+            path: ex
+                .binding(direction)
+                .map(|b| self.logged_path(b, &ex.canonical_path)),
             caller: ex.caller.label.clone(),
+            caller_identity: ex.caller.source.as_str(),
             recipient: ex.recipient(direction).label.clone(),
             direction: direction.as_str(),
             mode: match self.mode {
@@ -1296,6 +1492,34 @@ impl Policy {
     }
 }
 
+/// Whether `node`, in which the record path `steps` (no `..` among them) finds no record,
+/// is an empty batch: every branch of the path ends in an empty container (or `null`)
+/// before it ends, never at a member that is not there or at a scalar.
+fn empty_batch(node: &Value, steps: &[super::selector::Step]) -> bool {
+    let Some((step, rest)) = steps.split_first() else {
+        return true;
+    };
+    let selects = |edge: Edge<'_>| step.atoms.iter().any(|a| a.matches(edge));
+    let children: Vec<&Value> = match node {
+        Value::Null => return true,
+        Value::Array(a) if a.is_empty() => return true,
+        Value::Object(o) if o.is_empty() => return true,
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| selects(Edge::Index(*i, a.len())))
+            .map(|(_, v)| v)
+            .collect(),
+        Value::Object(o) => o
+            .iter()
+            .filter(|(k, _)| selects(Edge::Key(k)))
+            .map(|(_, v)| v)
+            .collect(),
+        _ => return false,
+    };
+    !children.is_empty() && children.iter().all(|c| empty_batch(c, rest))
+}
+
 fn get_path_mut_ref<'v>(root: &'v Value, path: &[PathElem]) -> Option<&'v Value> {
     let mut cur = root;
     for e in path {
@@ -1308,13 +1532,13 @@ fn get_path_mut_ref<'v>(root: &'v Value, path: &[PathElem]) -> Option<&'v Value>
     Some(cur)
 }
 
-/// Decoded `(name, value)` pairs of a path's query.
+/// `(raw name, decoded value)` of each parameter of a path's query, split on `&` and
+/// `;` ([`route::query_params`]); names are compared with [`param_is`].
 fn query_pairs(path: &str) -> impl Iterator<Item = (String, String)> + '_ {
     let q = path.split_once('?').map(|(_, q)| q).unwrap_or("");
-    q.split('&').filter(|p| !p.is_empty()).map(|p| {
-        let (k, v) = p.split_once('=').unwrap_or((p, ""));
-        (percent_decode(k), percent_decode(v))
-    })
+    route::query_params(q)
+        .into_iter()
+        .map(|p| (p.raw_name().to_string(), percent_decode(p.raw_value())))
 }
 
 /// A header value quoted in an error, cut short.

@@ -4,8 +4,8 @@
 //! Life of a message:
 //! 1. [`Policy::compile`] once, when the plugin is configured.
 //! 2. Per exchange, [`Policy::identify_upstream`] / [`Policy::identify_caller`] name the
-//!    services, [`Policy::binding_for`] says whether the route is covered at all (if it is
-//!    not, nothing is buffered or inspected).
+//!    services, [`Policy::route`] says from the canonical path whether the route is
+//!    covered at all (if it is not, nothing is buffered or inspected; see [`route`]).
 //! 3. Per message (request or response): [`Policy::plan_headers`] / [`Policy::plan_body`]
 //!    read what is needed and say which subjects' consent must come from the consent store;
 //!    the caller gathers those answers (cache or HTTP call) and then
@@ -21,18 +21,21 @@ mod eval;
 mod jsonpath;
 mod matcher;
 pub mod policy;
+pub mod route;
 mod selector;
 mod strict_json;
 
-pub use compile::{category_covers, Action, Policy, PolicyError, PolicyErrors, StoreConfig};
+pub use compile::{
+    category_covers, Action, Policy, PolicyError, PolicyErrors, RouteMatch, StoreConfig,
+};
 pub use consent::{
     cache_decode, cache_encode, parse_store_response, store_request_body, ConsentAnswer,
     HeaderConsent, StoreAnswers,
 };
 pub use decision::{DecisionLog, FieldDecision, Grant, Outcome, Reason, LOG_PREFIX};
 pub use eval::{
-    BodyPlan, BodyVerdict, Exchange, HeaderPlan, HeaderVerdict, Party, Report, Uninspectable,
-    UninspectableKind,
+    BodyPlan, BodyVerdict, Exchange, HeaderPlan, HeaderVerdict, IdentitySource, Party, Report,
+    Uninspectable, UninspectableKind,
 };
 
 /// Which way a message travels. A request body goes to the upstream service; a response
@@ -68,3 +71,5 @@ pub struct BindingId(pub(crate) usize);
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_bypass;

@@ -171,11 +171,65 @@ pub struct LogOptions {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Identity {
-    /// A request header whose value names the calling service. Only set this where
-    /// the mesh guarantees the header cannot come from outside (the edge strips it);
-    /// an mTLS principal, when present and known, always wins over it.
+    /// A request header that names the calling service on behalf of another, trusted
+    /// only from the callers it names (see [`CallerHeader`]).
     #[serde(default)]
-    pub caller_header: Option<String>,
+    pub caller_header: Option<CallerHeader>,
+}
+
+/// A header in which a trusted party (an edge gateway) names the service it calls for.
+/// Nobody else can assert an identity with it: a caller with a principal the policy
+/// does not list in `trusted_from` is who its principal says, or unknown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerHeader {
+    pub name: String,
+    /// Services whose mTLS principal may assert a caller with the header.
+    pub trusted_from: Vec<String>,
+    /// Trust the header on requests without an mTLS principal. Only for a setup
+    /// without a mesh, where nothing else can name the caller and the network in front
+    /// of Envoy guarantees the header; `consentry check` warns about it.
+    pub trust_plaintext: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallerHeaderFields {
+    name: String,
+    #[serde(default)]
+    trusted_from: Vec<String>,
+    #[serde(default)]
+    trust_plaintext: bool,
+}
+
+impl<'de> Deserialize<'de> for CallerHeader {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CallerHeader;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object {\"name\": HEADER, \"trusted_from\": [SERVICE, ...]}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<CallerHeader, E> {
+                Err(E::custom(format!(
+                    "identity.caller_header is an object now, so that it says who may assert a caller: write {{\"name\": \"{v}\", \"trusted_from\": [\"gateway\"]}} naming the services (an edge gateway) allowed to send it; a bare header name let any caller claim another's identity"
+                )))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<CallerHeader, A::Error> {
+                let f = CallerHeaderFields::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(map),
+                )?;
+                Ok(CallerHeader {
+                    name: f.name,
+                    trusted_from: f.trusted_from,
+                    trust_plaintext: f.trust_plaintext,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// A service of the mesh and how it is recognised.
@@ -194,6 +248,11 @@ pub struct Service {
     /// Purposes for which this service processes customer data, in order of preference.
     #[serde(default)]
     pub purposes: Vec<String>,
+    /// The service's paths differ by letter case (`/Orders` is not `/orders`), so binding
+    /// prefixes match its requests case-sensitively. Off, they match in any case, as
+    /// most frameworks route.
+    #[serde(default)]
+    pub case_sensitive_paths: bool,
 }
 
 /// The six legal bases of GDPR Art. 6(1).
@@ -322,6 +381,22 @@ pub struct MessageBinding {
     pub headers: Vec<NamedBinding>,
     #[serde(default)]
     pub query: Vec<NamedBinding>,
+    /// A non-empty body in which `records` finds nothing, and that is not an empty
+    /// batch: refused as uninspectable (`shape_mismatch`), or passed with a warning.
+    #[serde(default)]
+    pub shape_mismatch: ShapeMismatch,
+}
+
+/// What happens to a covered body that does not have the binding's shape (a renamed
+/// envelope, a bare record, a top-level array): its records would go unjudged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShapeMismatch {
+    #[default]
+    Refuse,
+    /// Pass it unchanged; logged as uninspectable with `enforced: false`, at warn level,
+    /// and counted.
+    Pass,
 }
 
 fn default_records() -> String {
@@ -345,6 +420,9 @@ pub struct NamedBinding {
     pub category: String,
     #[serde(default)]
     pub action: Option<ActionSpec>,
+    /// Query parameters only: compare the name case-sensitively (default: in any case).
+    #[serde(default)]
+    pub case_sensitive: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -38,7 +38,7 @@ pub enum Edge<'a> {
 }
 
 impl Atom {
-    fn matches(&self, edge: Edge<'_>) -> bool {
+    pub(crate) fn matches(&self, edge: Edge<'_>) -> bool {
         match (self, edge) {
             (Atom::Wildcard, _) => true,
             // A recipient's parser may match keys case-insensitively (many object

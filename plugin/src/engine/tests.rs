@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 const HASH_KEY: &str = "test-hash-key-0123456789";
 const SUBJECT_KEY: &str = "test-subject-key-0123456789";
 
-fn env(name: &str) -> Option<String> {
+pub(super) fn env(name: &str) -> Option<String> {
     match name {
         "CONSENTRY_HASH_KEY" => Some(HASH_KEY.into()),
         "CONSENTRY_SUBJECT_KEY" => Some(SUBJECT_KEY.into()),
@@ -16,11 +16,13 @@ fn env(name: &str) -> Option<String> {
 
 /// A policy with one service per legal basis and a customer batch binding; `patch`
 /// overrides top-level keys.
-fn policy_json(patch: Value) -> Value {
+pub(super) fn policy_json(patch: Value) -> Value {
     let mut p = json!({
         "consentry": 1,
         "name": "test-policy",
-        "identity": { "caller_header": "x-caller" },
+        // Plaintext callers name themselves here, so that each rule's test can pick
+        // its caller in one line; the identity rules have their own tests below.
+        "identity": { "caller_header": { "name": "x-caller", "trusted_from": ["gateway"], "trust_plaintext": true } },
         "services": {
             "crm":       { "clusters": ["crm"], "principals": ["spiffe://t/crm"], "purposes": ["essential.account"] },
             "mailer":    { "clusters": ["mailer"], "authorities": ["mailer.internal"], "principals": ["spiffe://t/mailer"], "purposes": ["marketing.email"] },
@@ -69,17 +71,17 @@ fn policy_json(patch: Value) -> Value {
     p
 }
 
-fn compile(v: &Value) -> Policy {
+pub(super) fn compile(v: &Value) -> Policy {
     Policy::compile(v.to_string().as_bytes(), &env).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn policy() -> Policy {
+pub(super) fn policy() -> Policy {
     compile(&policy_json(json!({})))
 }
 
 /// An exchange from `caller` (via the trusted caller header) to the service behind
 /// `cluster`.
-fn exchange(
+pub(super) fn exchange(
     p: &Policy,
     caller: &str,
     cluster: &str,
@@ -100,14 +102,20 @@ fn exchange(
     )
 }
 
-struct Run {
-    out: Value,
-    report: Report,
-    log: DecisionLog,
-    store_subjects: Vec<String>,
+pub(super) struct Run {
+    pub out: Value,
+    pub report: Report,
+    pub log: DecisionLog,
+    pub store_subjects: Vec<String>,
 }
 
-fn run_with(p: &Policy, ex: &Exchange, d: Direction, body: &Value, store: &StoreAnswers) -> Run {
+pub(super) fn run_with(
+    p: &Policy,
+    ex: &Exchange,
+    d: Direction,
+    body: &Value,
+    store: &StoreAnswers,
+) -> Run {
     let bytes = body.to_string();
     let plan = p
         .plan_body(ex, d, Some("application/json"), None, bytes.as_bytes())
@@ -132,7 +140,7 @@ fn run(p: &Policy, to: &str, body: &Value) -> Run {
     run_with(p, &ex, Direction::Request, body, &StoreAnswers::new())
 }
 
-fn batch(records: Value) -> Value {
+pub(super) fn batch(records: Value) -> Value {
     json!({ "customers": records, "page": 1 })
 }
 
@@ -1034,6 +1042,7 @@ fn a_consent_purpose_first_does_not_stop_a_later_basis_that_always_holds() {
             "marketing.all": { "basis": "consent", "consent_key": "k", "allows": ["user"] },
             "essential.account": { "basis": "contract", "allows": ["user"] }
         },
+        "identity": {},
         "consent": {}
     })));
     let grants = unread(&p, "crm").unwrap();
