@@ -311,13 +311,74 @@ _BUFFER_BLOCK = re.compile(
     r"^[ \t]*# After consentry:.*?(?=^[ \t]*- name: envoy\.filters\.http\.router\n)", re.M | re.S)
 
 
+# A path that is already canonical in consentry's sense (route.rs) whatever Envoy did to it:
+# segments of unreserved characters only, none empty, none starting with a dot (so no
+# `.` or `..`), no `;` parameter, no escape. RE2 syntax, for a route's safe_regex, which
+# Envoy matches against the path without its query.
+CANONICAL_PATH_RE2 = r"^(/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*/?$"
+_PLAIN_PREFIX = re.compile(r"^(/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)+/?$|^/$")
+_VHOST_ROUTES = re.compile(
+    r'routes: \[\{ match: \{ prefix: "/" \}, route: \{ cluster: ([a-z_]+), +timeout: ([0-9]+s) \} \}\]')
+
+
+def uncovered_route_exemption(policy: dict) -> tuple[list[str] | None, str]:
+    """The path prefixes consentry may cover, if requests on every other route can skip
+    the filter: (prefixes, "") or (None, why not).
+
+    A route may skip the filter only where no spelling the filter would treat as covered
+    can match it. So requests whose path starts (in any case, as a string: more than
+    segment-wise) with a prefix of any binding, either direction, any method, keep the
+    filter; the exemption is a route that only matches paths already canonical
+    (CANONICAL_PATH_RE2: no escape, `;`, dot segment or empty segment), listed after
+    them; and anything else falls to a last route that keeps the filter too. A binding
+    with no paths covers everything: nothing is exempt. A prefix not already in that
+    plain form (escapes, `;`, dot segments) is not compared here: nothing is exempt
+    either, rather than guessing at its canonical form.
+    """
+    prefixes: list[str] = []
+    for m in policy.get("messages") or []:
+        paths = m.get("paths") or []
+        if not paths:
+            return None, f"binding {m.get('name')!r} has no paths: it covers every request"
+        for p in paths:
+            if not _PLAIN_PREFIX.match(p):
+                return None, (f"binding {m.get('name')!r} has prefix {p!r}, not of the plain "
+                              "canonical form the route table can compare safely")
+            p = p.rstrip("/") or "/"
+            if p == "/":
+                return None, f"binding {m.get('name')!r} covers `/`: every request"
+            if p.lower() not in (x.lower() for x in prefixes):
+                prefixes.append(p)
+    return prefixes, ""
+
+
+def _exempting_routes(route: dict, prefixes: list[str], consent_header: str | None) -> str:
+    """A virtual host's routes: the covered prefixes (filter on), canonical paths (filter
+    off for this route, `typed_per_filter_config` `disabled: true`), everything else
+    (filter on). JSON, which is a valid YAML flow sequence."""
+    covered = [{"match": {"prefix": p, "case_sensitive": False}, "route": route} for p in prefixes]
+    exempt = {
+        "match": {"safe_regex": {"regex": CANONICAL_PATH_RE2}},
+        "route": route,
+        "typed_per_filter_config": {"envoy.filters.http.wasm": {
+            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+            "disabled": True}},
+    }
+    if consent_header:
+        # The filter removes the consent header from every request it sees: the
+        # upstream has no purpose for the subjects it names. Here the route does.
+        exempt["request_headers_to_remove"] = [consent_header]
+    rest = {"match": {"prefix": "/"}, "route": route}
+    return "routes: " + json.dumps(covered + [exempt, rest]).replace("$", "$$")
+
+
 def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
                      access_log_path: str | Path, wasm: bool = True,
                      wasm_path: str | Path | None = None, policy_text: str | None = None,
                      mtls_port: int | None = None, tls_files: dict | None = None,
                      template: str | Path = TEMPLATE, hold: bool = True,
                      buffer: bool = True, filter_lua: str | None = None,
-                     path_hygiene: bool = True) -> str:
+                     path_hygiene: bool = True, exempt_uncovered: bool = False) -> str:
     """The Envoy bootstrap as YAML text.
 
     It holds no key: the wasm filter's VM takes CONSENTRY_HASH_KEY and
@@ -338,8 +399,25 @@ def render_bootstrap(*, admin_port: int, listener_port: int, ports: dict,
     (normalize_path, merge_slashes, path_with_escaped_slashes_action: REJECT_REQUEST) is
     left out: Envoy then forwards paths as they came, and consentry's own normalisation
     must hold alone.
+    With exempt_uncovered=True (wasm only), every virtual host's route table is generated
+    from the policy (uncovered_route_exemption): requests no binding can cover skip the
+    Wasm filter on their route and never enter the VM; ValueError when the policy does not
+    allow an exemption.
     """
     text = Path(template).read_text()
+    if exempt_uncovered:
+        if not wasm:
+            raise ValueError("exempt_uncovered generates routes around the consentry filter: it needs wasm=True")
+        policy = json.loads(policy_text or "{}")
+        prefixes, why = uncovered_route_exemption(policy)
+        if prefixes is None:
+            raise ValueError(f"no route can skip the filter: {why}")
+        header = ((policy.get("consent") or {}).get("header") or {}).get("name")
+        text, n = _VHOST_ROUTES.subn(
+            lambda m: _exempting_routes({"cluster": m.group(1), "timeout": m.group(2)},
+                                        prefixes, header), text)
+        if n == 0:
+            raise ValueError("template has no virtual host routes of the form this renderer rewrites")
     if not path_hygiene:
         text, n = _PATH_HYGIENE_BLOCK.subn("", text)
         if n != 1 or any(o.split(":")[0] + ":" in text for o in PATH_HYGIENE_OPTIONS):
@@ -670,6 +748,9 @@ class Stack:
     # (render_bootstrap(path_hygiene=False)): paths reach consentry and the upstreams as
     # they came.
     path_hygiene: bool = True
+    # True: the route table generated from the policy lets requests no binding can cover
+    # skip the Wasm filter (render_bootstrap(exempt_uncovered=True)).
+    exempt_uncovered: bool = False
     # Applied to the rendered bootstrap text before Envoy reads it (test variants).
     bootstrap_edit: Callable[[str], str] | None = None
 
@@ -698,7 +779,8 @@ class Stack:
                 wasm=self.wasm, wasm_path=wasm_path, policy_text=policy_text,
                 mtls_port=self.mtls_port if self.mtls else None,
                 tls_files=self.pki.bootstrap_files() if self.mtls else None,
-                hold=self.hold, path_hygiene=self.path_hygiene)
+                hold=self.hold, path_hygiene=self.path_hygiene,
+                exempt_uncovered=self.exempt_uncovered)
             if self.bootstrap_edit is not None:
                 cfg = self.bootstrap_edit(cfg)
             self.config_path.write_text(cfg)
@@ -911,7 +993,7 @@ def _cmd_render(args) -> int:
         access_log_path=args.access_log, wasm=not args.passthrough,
         wasm_path=str(Path(args.wasm).resolve()) if not args.passthrough else None,
         policy_text=policy_text, mtls_port=mtls_port, tls_files=tls_files,
-        path_hygiene=not args.no_path_hygiene)
+        path_hygiene=not args.no_path_hygiene, exempt_uncovered=args.exempt_uncovered)
     if args.out == "-":
         sys.stdout.write(text)
     else:
@@ -973,6 +1055,9 @@ def main(argv=None) -> int:
     r.add_argument("--policy", default=str(policy_path()))
     r.add_argument("--wasm", default=str(Path(os.environ.get("CONSENTRY_WASM") or DEFAULT_WASM)))
     r.add_argument("--access-log", default="/dev/stdout")
+    r.add_argument("--exempt-uncovered", action="store_true",
+                   help="generate each virtual host's routes from the policy so that requests "
+                   "no binding can cover skip the Wasm filter (envoy/README.md)")
     r.add_argument("--no-path-hygiene", action="store_true",
                    help="leave out the connection manager's path normalisation "
                         "(the '# BEGIN path-hygiene' block)")

@@ -2,12 +2,15 @@
 parameter or header, another envelope, and a claimed identity never get customer data
 past the filter.
 
-Every case runs against two configurations:
+Every case runs against three configurations:
 
 * `hygiene`: the shipped bootstrap, with Envoy's own path normalisation on
   (`normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action: REJECT_REQUEST`);
 * `raw`: the same bootstrap without it, where Envoy forwards every spelling unchanged and
-  the filter's own canonicalisation (plugin/src/engine/route.rs) must hold alone.
+  the filter's own canonicalisation (plugin/src/engine/route.rs) must hold alone;
+* `exempt`: the shipped bootstrap with its route table generated from the policy
+  (`Stack(exempt_uncovered=True)`), where requests no binding can cover skip the filter
+  on their route: the skip must never become a way around the policy.
 
 The rule checked for each request is the one that matters to a regulator: the recipient
 either receives the message with the protected values removed, or receives nothing and
@@ -17,6 +20,7 @@ the client gets a 400 with a reason. Never the e-mail address in clear.
 from __future__ import annotations
 
 import json
+import time
 import urllib.parse
 
 import pytest
@@ -40,9 +44,18 @@ def raw_stack(make_stack):
         s.stop()
 
 
-@pytest.fixture(params=["hygiene", "raw"])
-def any_stack(request, stack, raw_stack):
-    s = stack if request.param == "hygiene" else raw_stack
+@pytest.fixture(scope="module")
+def exempt_stack(make_stack):
+    s = make_stack(exempt_uncovered=True)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(params=["hygiene", "raw", "exempt"])
+def any_stack(request, stack, raw_stack, exempt_stack):
+    s = {"hygiene": stack, "raw": raw_stack, "exempt": exempt_stack}[request.param]
     s.clear()
     return s
 
@@ -293,3 +306,65 @@ def test_a_known_principal_is_named_by_its_principal(stack):
     r, rid = stack.send("profile", "GET", "/v1/customers", caller="marketing-email")
     d = decision(stack, rid, "response")
     assert (d["caller"], d["caller_identity"]) == ("marketing-email", "principal"), d
+
+
+# -- routes no binding covers skip the VM (exempt configuration) ------------------------
+
+UNCOVERED = "wasmcustom.consentry.uncovered"
+
+
+def _uncovered_count(stack) -> int:
+    return stack.stats(UNCOVERED).get(UNCOVERED, 0)
+
+
+@pytest.mark.parametrize("path", ["/v1/metrics", "/static/app.js", "/", "/v2/customers/42",
+                                  "/V1/Metrics/"])
+def test_a_route_no_binding_covers_never_enters_the_vm(exempt_stack, stack, path):
+    """In the generated route table the request skips the filter (the VM counts nothing);
+    in the plain bootstrap the same request enters it and is recognised as uncovered."""
+    for s, enters in ((exempt_stack, False), (stack, True)):
+        s.clear()
+        before = _uncovered_count(s)
+        r, _ = s.send("analytics", "GET", path, caller="profile",
+                      headers={"x-consentry-consent": "c-1001=marketing_email"})
+        assert r.status == 200, r.text()
+        rec = s.recorded("analytics")
+        assert len(rec) == 1 and rec[0]["path"] == path, rec
+        # The consent header never reaches an upstream: the filter removes it, and on an
+        # exempt route the route does.
+        assert not any(k.lower() == "x-consentry-consent" for k, _ in rec[0]["headers"]), rec
+        deadline = time.monotonic() + 2
+        while enters and _uncovered_count(s) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (_uncovered_count(s) > before) == enters, \
+            f"{path}: VM entered={_uncovered_count(s) > before}, expected {enters}"
+
+
+@pytest.mark.parametrize("path", ["/v1/metrics;x=1", "/v1/a%20b", "/.well-known/x",
+                                  "/v1/customersx", "/V1/EVENTSX/1"])
+def test_a_path_the_route_table_cannot_judge_falls_into_the_filter(exempt_stack, path):
+    """Still not plainly canonical after Envoy's normalisation (a `;` parameter, an escape
+    Envoy keeps, a dot segment), or starting with a covered prefix as a string (the route
+    table compares more than segment-wise): the exemption does not match, the filter
+    decides (here: uncovered, so it passes), never the route."""
+    exempt_stack.clear()
+    before = _uncovered_count(exempt_stack)
+    r, _ = exempt_stack.send("analytics", "GET", path, caller="profile")
+    assert r.status == 200, r.text()
+    deadline = time.monotonic() + 2
+    while _uncovered_count(exempt_stack) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _uncovered_count(exempt_stack) > before, f"{path} skipped the filter"
+
+
+def test_a_policy_that_covers_every_path_exempts_nothing():
+    policy = json.loads(ce.DEFAULT_POLICY.read_text())
+    assert ce.uncovered_route_exemption(policy)[0] == [
+        "/v1/customers", "/v1/campaigns", "/v1/invoices", "/v1/events", "/v1/enrich",
+        "/v1/tickets"]
+    policy["messages"].append({"name": "all", "fields": [
+        {"path": "$.email", "category": "user.contact.email"}]})
+    prefixes, why = ce.uncovered_route_exemption(policy)
+    assert prefixes is None and "covers every request" in why
+    policy["messages"][-1]["paths"] = ["/v1//x"]
+    assert ce.uncovered_route_exemption(policy)[0] is None
