@@ -43,9 +43,11 @@ struct WasmArgs {
     /// Deliver bodies in chunks of this many bytes (0: one chunk), as a slow client would.
     #[arg(long, default_value_t = 0)]
     chunk_size: usize,
-    /// Extra VM environment variables (KEY=VALUE), e.g. the keys the filter reads;
-    /// without them fixed replay keys are used.
-    #[arg(long = "env", value_name = "KEY=VALUE")]
+    /// Extra VM environment variables, e.g. the keys the filter reads (without them
+    /// fixed replay keys are used): KEY=VALUE, or KEY alone to take the value from this
+    /// process's environment, which keeps a real key off the command line (and out of
+    /// `ps`).
+    #[arg(long = "env", value_name = "KEY[=VALUE]")]
     env: Vec<String>,
     /// Hand the filter each request path as recorded, as an Envoy without path hygiene
     /// would. By default the harness does what the shipped bootstrap's Envoy does first:
@@ -171,10 +173,16 @@ fn settings(args: &WasmArgs, trace: bool) -> Result<Settings> {
         ..Settings::default()
     };
     for kv in &args.env {
-        let Some((k, v)) = kv.split_once('=') else {
-            bail!(InputError(format!("--env {kv}: write KEY=VALUE")));
+        let (k, v) = match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => match std::env::var(kv) {
+                Ok(v) => (kv.clone(), v),
+                Err(_) => bail!(InputError(format!(
+                    "--env {kv}: {kv} is not set in this environment; export it, or write KEY=VALUE"
+                ))),
+            },
         };
-        s.env.push((k.to_string(), v.to_string()));
+        s.env.push((k, v));
     }
     Ok(s)
 }

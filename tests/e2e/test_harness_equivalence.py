@@ -105,12 +105,14 @@ def _replay(stack) -> dict:
     cmd = [str(HARNESS_BIN), "replay", "--format", "json",
            "--policy", str(POLICY_FILE.relative_to(ROOT)),
            "--wasm", str(ce.find_wasm()),
-           "--env", f"CONSENTRY_HASH_KEY={stack.hash_key}",
-           "--env", f"CONSENTRY_SUBJECT_KEY={stack.subject_key}",
+           # The stack's keys from the environment, never on the command line.
+           "--env", "CONSENTRY_HASH_KEY", "--env", "CONSENTRY_SUBJECT_KEY",
            str(REPLAY_FILE.relative_to(ROOT))]
+    env = {**os.environ, "CONSENTRY_HASH_KEY": stack.hash_key,
+           "CONSENTRY_SUBJECT_KEY": stack.subject_key}
     p = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=300,
-                       stdin=subprocess.DEVNULL)
-    shown = " ".join(c if "KEY=" not in c else c.split("=")[0] + "=<stack key>" for c in cmd)
+                       stdin=subprocess.DEVNULL, env=env)
+    shown = " ".join(cmd)
     if p.returncode not in (0, 1):
         pytest.fail(f"`{shown}` failed (exit {p.returncode}):\n{p.stderr.strip()}",
                     pytrace=False)
