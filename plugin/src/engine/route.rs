@@ -545,6 +545,37 @@ mod tests {
         assert_eq!(param_base_name("[x]"), "[x]");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 1000, failure_persistence: None, ..Default::default() })]
+
+        /// Any text, however hostile: no panic (a panic traps the VM), the lenient reading
+        /// of a path with a single safe reading is that reading, and canonical forms are
+        /// fixed points.
+        #[test]
+        fn any_path_is_read_without_panic_and_consistently(
+            path in "(/|%|[0-9a-fA-F]|u|;|\\.|\\?|#|\\\\|\u{0}|\u{17f}|é|[a-z]){0,40}",
+            any in "\\PC{0,40}",
+        ) {
+            for p in [&path, &any] {
+                let lenient = lenient_path(p);
+                match canonical_path(p) {
+                    Ok(c) => {
+                        proptest::prop_assert_eq!(&lenient, &c, "{:?}", p);
+                        proptest::prop_assert_eq!(canonical_path(&c), Ok(c.clone()));
+                    }
+                    Err(_) => proptest::prop_assert!(lenient.starts_with('/')),
+                }
+                let _ = fold_case(p);
+                let _ = segment_count(&lenient);
+                for q in query_params(p) {
+                    let _ = param_base_name(q.raw_name());
+                    let _ = q.raw_value();
+                }
+                let _ = header_name_eq(p, "x-customer-email");
+            }
+        }
+    }
+
     #[test]
     fn header_names_treat_underscore_as_dash() {
         assert!(header_name_eq("x_customer_email", "x-customer-email"));
