@@ -183,7 +183,8 @@ pub(crate) struct CBinding {
     pub query: Vec<CNamed>,
     pub shape_mismatch: ShapeMismatch,
     /// `records` without its last step, without its last two, ... down to `$`: where an
-    /// empty batch is told from a body of another shape.
+    /// empty batch is told from a body of another shape when `records` has a `..` step
+    /// (without one, the steps themselves are followed: `eval::empty_batch`).
     pub records_prefixes: Vec<Selector>,
     /// Every selector of the binding starts with a member name, so a record that is not
     /// an object cannot hold what the binding declares: it is of another shape.
