@@ -61,3 +61,14 @@ build_wasm() {
     [[ -f "$WASM" ]] || { printf 'error: build produced no %s\n' "$WASM" >&2; return 1; }
     printf '%s (%s bytes)\n' "$WASM" "$(wc -c <"$WASM")" >&2
 }
+
+# envoy/bench/run's do-nothing proxy-wasm filter (envoy/bench/noop-filter), by the same
+# toolchain and profile as the filter:
+# cargo build --release --target wasm32-wasip1 -p consentry-bench-noop
+BENCH_NOOP_WASM="$ROOT/target/$WASM_TARGET/release/consentry_bench_noop.wasm"
+build_bench_wasm() {
+    say "cargo build --release --target $WASM_TARGET -p consentry-bench-noop"
+    (cd "$ROOT" && cargo build --release --target "$WASM_TARGET" -p consentry-bench-noop) || return 1
+    [[ -f "$BENCH_NOOP_WASM" ]] || { printf 'error: build produced no %s\n' "$BENCH_NOOP_WASM" >&2; return 1; }
+    printf '%s (%s bytes)\n' "$BENCH_NOOP_WASM" "$(wc -c <"$BENCH_NOOP_WASM")" >&2
+}
