@@ -458,15 +458,7 @@ impl Stream {
         if d == Direction::Request {
             let principal = property(&["connection", "uri_san_peer_certificate"]);
             let cluster = property(&["xds", "cluster_name"]);
-            let caller_header: Vec<&str> = match policy.caller_header() {
-                Some(name) => headers
-                    .iter()
-                    .filter(|(k, _)| crate::engine::route::header_name_eq(k, name))
-                    .map(|(_, v)| v.as_str())
-                    .collect(),
-                None => Vec::new(),
-            };
-            let caller = policy.identify_caller_from(principal.as_deref(), &caller_header);
+            let caller = policy.identify_caller_in(principal.as_deref(), &headers);
             let upstream =
                 policy.identify_upstream(cluster.as_deref(), first(&headers, ":authority"));
             let request_id = first(&headers, "x-request-id").map(str::to_string);
@@ -486,10 +478,21 @@ impl Stream {
             let refusal = ex.route_refusal.clone();
             self.ex = Some(ex);
             // The consent header is a message from the gateway to this filter: it names
-            // subjects, and the upstream has no purpose for it, trusted or not.
+            // subjects, and the upstream has no purpose for it, trusted or not. Every
+            // spelling the engine reads as it (`x_consentry_consent` too) goes.
             if let Some(name) = policy.consent_header() {
-                if self.enforcing() && first(&headers, name).is_some() {
-                    let _ = abi::remove_map_value(MapType::HttpRequestHeaders, name);
+                if self.enforcing() {
+                    let mut spellings: Vec<&str> = Vec::new();
+                    for (k, _) in &headers {
+                        if crate::engine::route::header_name_eq(k, name)
+                            && !spellings.contains(&k.as_str())
+                        {
+                            spellings.push(k);
+                        }
+                    }
+                    for k in spellings {
+                        let _ = abi::remove_map_value(MapType::HttpRequestHeaders, k);
+                    }
                 }
             }
             if let Some(refusal) = refusal {

@@ -35,22 +35,23 @@ from helpers import (
 )
 
 
-@pytest.fixture(scope="module")
-def raw_stack(make_stack):
-    s = make_stack(path_hygiene=False)
+def _variant(make_stack, **kwargs):
+    """A stack rendered another way, for the module, stopped after it."""
+    s = make_stack(**kwargs)
     try:
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def raw_stack(make_stack):
+    yield from _variant(make_stack, path_hygiene=False)
 
 
 @pytest.fixture(scope="module")
 def exempt_stack(make_stack):
-    s = make_stack(exempt_uncovered=True)
-    try:
-        yield s
-    finally:
-        s.stop()
+    yield from _variant(make_stack, exempt_uncovered=True)
 
 
 @pytest.fixture(params=["hygiene", "raw", "exempt"])
@@ -209,6 +210,18 @@ def test_a_bound_header_in_any_spelling_and_every_instance_is_stripped(any_stack
     assert not _leaks(any_stack, "analytics", values), "a spelling of x-customer-email leaked"
     d = decision(any_stack, rid, "request")
     assert [f["action"] for f in d["fields"] if f["path"] == "header:x-customer-email"] == ["strip"]
+
+
+def test_the_consent_header_is_removed_in_every_spelling(any_stack):
+    """The filter reads `x_consentry_consent` as the consent header, so it removes it too:
+    it names subjects, and no upstream has a purpose for it."""
+    batch, _ = _batch()
+    hdrs = [("x-consentry-consent", "c-1=marketing_email"), ("x_consentry_consent", "c-2=")]
+    r, _ = any_stack.send("analytics", "POST", "/v1/events", caller="profile", body=batch,
+                          headers=hdrs)
+    assert r.status == 200, r.text()
+    got = {k.lower() for k, _ in any_stack.recorded("analytics")[0]["headers"]}
+    assert not got & {"x-consentry-consent", "x_consentry_consent"}, got
 
 
 ENVELOPES = {

@@ -754,6 +754,25 @@ impl Policy {
         self.identify_caller_from(principal, header.as_slice())
     }
 
+    /// Names the caller from its principal and the request's headers: every instance of
+    /// the caller header, in any spelling of its name, is a claim
+    /// ([`Policy::identify_caller_from`]).
+    pub fn identify_caller_in(
+        &self,
+        principal: Option<&str>,
+        headers: &[(String, String)],
+    ) -> Party {
+        let claims: Vec<&str> = match &self.caller_header {
+            Some(h) => headers
+                .iter()
+                .filter(|(k, _)| route::header_name_eq(k, &h.name))
+                .map(|(_, v)| v.as_str())
+                .collect(),
+            None => Vec::new(),
+        };
+        self.identify_caller_from(principal, &claims)
+    }
+
     /// Names the caller. The mTLS principal decides: a known principal is its service,
     /// an unknown one is the unknown caller, whatever any header claims. Only a
     /// principal the policy lists in `identity.caller_header.trusted_from` (an edge

@@ -378,6 +378,34 @@ fn a_caller_header_is_trusted_only_from_the_principals_the_policy_names() {
 }
 
 #[test]
+fn the_caller_header_is_read_from_every_instance_and_spelling() {
+    let p = mesh_policy();
+    let gw = Some("spiffe://t/gateway");
+    let h = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let name = |party: Party| party.service.map(|s| p.service_name(s).to_string());
+    assert_eq!(
+        name(p.identify_caller_in(gw, &h(&[("x-caller", "crm")]))),
+        Some("crm".into())
+    );
+    assert_eq!(
+        name(p.identify_caller_in(gw, &h(&[("x_caller", "crm")]))),
+        Some("crm".into())
+    );
+    // Two spellings are two claims: nobody.
+    let two = h(&[("x-caller", "crm"), ("x_caller", "mailer")]);
+    assert_eq!(p.identify_caller_in(gw, &two).source, IdentitySource::None);
+    assert_eq!(
+        name(p.identify_caller_in(gw, &h(&[("x-other", "crm")]))),
+        Some("gateway".into())
+    );
+}
+
+#[test]
 fn a_stranger_claiming_a_service_gets_what_an_unknown_caller_gets() {
     let p = mesh_policy();
     let caller = p.identify_caller(Some("spiffe://t/ns/elsewhere/sa/stranger"), Some("crm"));
