@@ -660,12 +660,13 @@ impl Stream {
             return Action::Pause;
         };
         let side = self.side(d);
-        let plan = match policy.plan_body(
+        let size = body.len();
+        let plan = match policy.plan_body_owned(
             &ex,
             d,
             side.content_type.as_deref(),
             side.content_encoding.as_deref(),
-            &body,
+            body,
         ) {
             Ok(p) => p,
             Err(f) => return self.finish(d, Some(f)),
@@ -673,20 +674,12 @@ impl Stream {
         let mut answers = StoreAnswers::new();
         let missing = self.cached_answers(&policy, &plan.store_subjects, &mut answers);
         if !missing.is_empty() {
-            return match self.call_store(
-                d,
-                Phase::Body {
-                    plan,
-                    size: body.len(),
-                },
-                missing,
-                answers,
-            ) {
+            return match self.call_store(d, Phase::Body { plan, size }, missing, answers) {
                 Ok(()) => Action::Pause,
                 Err(f) => self.finish(d, Some(f)),
             };
         }
-        self.judge_body(d, plan, body.len(), &answers)
+        self.judge_body(d, plan, size, &answers)
     }
 
     fn judge_body(

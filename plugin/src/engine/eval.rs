@@ -6,13 +6,12 @@ use super::compile::{param_is, Action, CBinding, CNamed, Policy};
 use super::consent::{granted, ConsentAnswer, HeaderConsent, StoreAnswers};
 use super::decision::{DecisionLog, FieldDecision, Grant, Outcome, Reason, MAX_LOGGED_FIELDS};
 use super::encoding;
-use super::matcher::Cursor;
 use super::policy::{FailMode, LegalBasis, MessageSubject, Mode, ShapeMismatch, Undeclared};
 use super::route;
-use super::selector::{push_edge, Edge, Selector};
-use super::strict_json::StrictError;
+use super::stream::{self, ScanError};
 use super::{BindingId, Direction, ServiceId};
 use serde_json::Value;
+use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -194,7 +193,7 @@ pub struct Report {
 impl Report {
     /// Counts one field decision; builds it (path string, names, pseudonym) only while
     /// the entry has room for it, so a large batch pays for the decisions it logs.
-    fn record(
+    pub(crate) fn record(
         &mut self,
         category: usize,
         action: &'static str,
@@ -256,27 +255,16 @@ pub struct HeaderVerdict {
     pub report: Report,
 }
 
-#[derive(Debug, Clone)]
-enum PathElem {
-    Key(String),
-    Index(usize),
-}
-
-#[derive(Debug, Clone)]
-struct RecordInfo {
-    path: Vec<PathElem>,
-    subject: Option<String>,
-    consent: Option<Value>,
-}
-
-/// A parsed body, its records located, waiting for consent answers.
+/// A body read and its records located, waiting for consent answers.
 #[derive(Debug, Clone)]
 pub struct BodyPlan {
-    doc: Option<Value>,
-    binding: usize,
+    /// The binding that covers the body; `None`: nothing to inspect.
+    binding: Option<usize>,
+    /// The body, decoded from its content codings.
+    body: Vec<u8>,
     /// The body's content codings, to encode a changed body again.
     codings: Vec<encoding::Coding>,
-    records: Vec<RecordInfo>,
+    records: Vec<stream::Record>,
     /// Subjects whose consent must come from the consent store.
     pub store_subjects: Vec<String>,
 }
@@ -302,166 +290,30 @@ fn is_json_content_type(ct: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-fn depth_exceeds(v: &Value, max: usize) -> bool {
-    // serde_json bounds nesting at 128, so this recursion is bounded too.
-    fn d(v: &Value, left: usize) -> bool {
-        match v {
-            Value::Array(a) => left == 0 || a.iter().any(|x| d(x, left - 1)),
-            Value::Object(o) => left == 0 || o.values().any(|x| d(x, left - 1)),
-            _ => false,
-        }
-    }
-    d(v, max)
-}
-
-/// Follows a singular selector from `root`.
-fn get_singular<'v>(sel: &Selector, root: &'v Value) -> Option<&'v Value> {
-    use super::selector::Atom;
-    let mut cur = root;
-    for step in &sel.steps {
-        cur = match (step.atoms.first()?, cur) {
-            (Atom::Name(n), Value::Object(o)) => match o.get(n) {
-                Some(v) => v,
-                // Field names match in any case, so must the subject and consent paths:
-                // `ID` is the subject when there is no `id` (one spelling only).
-                None => {
-                    let mut same = o.iter().filter(|(k, _)| k.eq_ignore_ascii_case(n));
-                    match (same.next(), same.next()) {
-                        (Some((_, v)), None) => v,
-                        _ => return None,
-                    }
-                }
-            },
-            (Atom::Index(i), Value::Array(a)) => {
-                let idx = if *i >= 0 {
-                    usize::try_from(*i).ok()?
-                } else {
-                    a.len()
-                        .checked_sub(usize::try_from(i.unsigned_abs()).ok()?)?
-                };
-                a.get(idx)?
-            }
-            _ => return None,
-        };
-    }
-    Some(cur)
-}
-
-fn subject_of(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-/// Finds every node `sel` selects from `root`, without descending into a found node.
-fn find_all(sel: &Selector, root: &Value, limit: usize) -> Result<Vec<Vec<PathElem>>, usize> {
-    fn go(
-        sel: &Selector,
-        v: &Value,
-        states: &[usize],
-        path: &mut Vec<PathElem>,
-        out: &mut Vec<Vec<PathElem>>,
-        limit: usize,
-    ) -> Result<(), usize> {
-        if states.iter().any(|&p| sel.is_complete(p)) {
-            out.push(path.clone());
-            if out.len() > limit {
-                return Err(out.len());
-            }
-            return Ok(());
-        }
-        if states.is_empty() {
-            return Ok(());
-        }
-        let mut next = Vec::new();
-        match v {
-            Value::Object(o) => {
-                for (k, child) in o {
-                    next.clear();
-                    for &p in states {
-                        sel.advance(p, Edge::Key(k), &mut |q| next.push(q));
-                    }
-                    if !next.is_empty() {
-                        path.push(PathElem::Key(k.clone()));
-                        let n = next.clone();
-                        go(sel, child, &n, path, out, limit)?;
-                        path.pop();
-                    }
-                }
-            }
-            Value::Array(a) => {
-                let len = a.len();
-                for (i, child) in a.iter().enumerate() {
-                    next.clear();
-                    for &p in states {
-                        sel.advance(p, Edge::Index(i, len), &mut |q| next.push(q));
-                    }
-                    if !next.is_empty() {
-                        path.push(PathElem::Index(i));
-                        let n = next.clone();
-                        go(sel, child, &n, path, out, limit)?;
-                        path.pop();
-                    }
-                }
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    go(sel, root, &[0], &mut Vec::new(), &mut out, limit)?;
-    Ok(out)
-}
-
-fn get_path_mut<'v>(root: &'v mut Value, path: &[PathElem]) -> Option<&'v mut Value> {
-    let mut cur = root;
-    for e in path {
-        cur = match (e, cur) {
-            (PathElem::Key(k), Value::Object(o)) => o.get_mut(k)?,
-            (PathElem::Index(i), Value::Array(a)) => a.get_mut(*i)?,
-            _ => return None,
-        };
-    }
-    Some(cur)
-}
-
-fn path_string(path: &[PathElem]) -> String {
-    let mut s = String::from("$");
-    for e in path {
-        match e {
-            PathElem::Key(k) => push_edge(&mut s, Edge::Key(k)),
-            PathElem::Index(i) => push_edge(&mut s, Edge::Index(*i, 0)),
-        }
-    }
-    s
-}
-
 /// Decides fields of one subject for one recipient.
-struct Judge<'a> {
-    policy: &'a Policy,
+pub(crate) struct Judge<'a> {
+    pub(crate) policy: &'a Policy,
     recipient: Option<usize>,
     subject: Option<&'a str>,
     /// The subject's keyed pseudonym, computed (an HMAC) only when a logged decision
     /// needs it: past the log's cap a large batch needs none.
     pseudonym: OnceCell<Option<String>>,
-    record_consent: Option<&'a Value>,
-    record_consent_path: Option<&'a str>,
+    pub(crate) record_consent: Option<&'a Value>,
+    pub(crate) record_consent_path: Option<&'a str>,
     header: Option<&'a HeaderConsent>,
     header_name: &'a str,
     store: &'a StoreAnswers,
 }
 
-struct Verdict {
-    allowed: bool,
+pub(crate) struct Verdict {
+    pub(crate) allowed: bool,
     reason: Option<Reason>,
     purpose: Option<usize>,
     evidence: Option<String>,
 }
 
 impl<'a> Judge<'a> {
-    fn new(
+    pub(crate) fn new(
         policy: &'a Policy,
         ex: &'a Exchange,
         direction: Direction,
@@ -481,7 +333,7 @@ impl<'a> Judge<'a> {
         }
     }
 
-    fn pseudonym(&self) -> Option<String> {
+    pub(crate) fn pseudonym(&self) -> Option<String> {
         self.pseudonym
             .get_or_init(|| match (self.subject, &self.policy.subject_key) {
                 (Some(s), Some(k)) => Some(subject_pseudonym(k, s)),
@@ -511,7 +363,7 @@ impl<'a> Judge<'a> {
 
     /// The rule: some purpose of the recipient allows the category, and its legal basis
     /// holds for this subject. Purposes are tried in the service's order.
-    fn decide(&self, category: usize) -> Verdict {
+    pub(crate) fn decide(&self, category: usize) -> Verdict {
         let Some(svc) = self.recipient else {
             return Verdict {
                 allowed: false,
@@ -563,7 +415,7 @@ impl<'a> Judge<'a> {
         }
     }
 
-    fn decision(
+    pub(crate) fn decision(
         &self,
         path: String,
         category: &str,
@@ -583,10 +435,12 @@ impl<'a> Judge<'a> {
         }
     }
 
-    /// Applies `action` to `node`; returns whether the node must be removed.
-    fn apply(&self, node: &mut Value, action: &Action) -> bool {
+    /// Applies `action` to `node`; returns whether the node must be removed. `null`
+    /// holds no personal data: every action but `strip` leaves it as it is.
+    pub(crate) fn apply(&self, node: &mut Value, action: &Action) -> bool {
         match action {
             Action::Strip => return true,
+            _ if node.is_null() => {}
             Action::Redact => *node = Value::String(self.policy.redact_marker.clone()),
             Action::Hash => {
                 // A policy with a hash action does not compile without the key.
@@ -600,122 +454,6 @@ impl<'a> Judge<'a> {
             Action::Block => {}
         }
         false
-    }
-}
-
-/// Walks one record, deciding and applying as it goes.
-struct RecordWalk<'a, 'r> {
-    judge: Judge<'a>,
-    binding: &'a CBinding,
-    report: &'r mut Report,
-    changed: bool,
-}
-
-impl RecordWalk<'_, '_> {
-    /// Returns false when the node must be removed from its parent.
-    fn visit(
-        &mut self,
-        node: &mut Value,
-        state: &Cursor,
-        mut covered: bool,
-        path: &mut String,
-    ) -> bool {
-        let policy = self.judge.policy;
-        let matcher = &self.binding.matcher;
-        let mut worst: Option<&Action> = None;
-        let mut matched_any = false;
-        let mut pending: Vec<(usize, Verdict)> = Vec::new();
-        // The fields whose selectors select this node, in field order, each once.
-        for &f in matcher.complete(state) {
-            let f = f as usize;
-            let field = &self.binding.fields[f];
-            matched_any = true;
-            let v = self.judge.decide(field.category);
-            if !v.allowed && worst.is_none_or(|w| field.action.severity() > w.severity()) {
-                worst = Some(&field.action);
-            }
-            pending.push((f, v));
-        }
-        if matched_any {
-            for (f, v) in &pending {
-                let field = &self.binding.fields[*f];
-                let action = if v.allowed {
-                    "allow"
-                } else {
-                    worst.map(Action::as_str).unwrap_or("strip")
-                };
-                let category = &policy.categories[field.category];
-                if !v.allowed && action == "block" {
-                    self.report.blocked.insert(category.clone());
-                }
-                let judge = &self.judge;
-                self.report.record(field.category, action, || {
-                    judge.decision(path.clone(), category, action, v)
-                });
-            }
-            if let Some(action) = worst {
-                if *action != Action::Block {
-                    self.changed = true;
-                }
-                return !self.judge.apply(node, action);
-            }
-            covered = true;
-        }
-        let undeclared_strip = policy.undeclared == Undeclared::Strip && !covered;
-        let is_container = matches!(node, Value::Object(_) | Value::Array(_));
-        if undeclared_strip && (state.is_dead() || !is_container) {
-            let judge = &self.judge;
-            self.report.record(UNDECLARED, "strip", || FieldDecision {
-                path: path.clone(),
-                category: "undeclared".into(),
-                action: "strip",
-                reason: Some(Reason::Undeclared),
-                purpose: None,
-                basis: None,
-                evidence: None,
-                subject: judge.pseudonym(),
-            });
-            self.changed = true;
-            return false;
-        }
-        if state.is_dead() && !undeclared_strip && !covered {
-            return true;
-        }
-        match node {
-            Value::Object(map) => {
-                map.retain(|k, child| {
-                    let next = matcher.step(state, Edge::Key(k));
-                    if next.is_dead() && !undeclared_strip {
-                        return true;
-                    }
-                    let len = path.len();
-                    push_edge(path, Edge::Key(k));
-                    let keep = self.visit(child, &next, covered, path);
-                    path.truncate(len);
-                    keep
-                });
-            }
-            Value::Array(items) => {
-                let n = items.len();
-                let mut i = 0;
-                items.retain_mut(|child| {
-                    let next = matcher.step(state, Edge::Index(i, n));
-                    let keep = if next.is_dead() && !undeclared_strip {
-                        true
-                    } else {
-                        let len = path.len();
-                        push_edge(path, Edge::Index(i, n));
-                        let keep = self.visit(child, &next, covered, path);
-                        path.truncate(len);
-                        keep
-                    };
-                    i += 1;
-                    keep
-                });
-            }
-            _ => {}
-        }
-        true
     }
 }
 
@@ -924,7 +662,7 @@ impl Policy {
         ex
     }
 
-    fn needs_store(
+    pub(crate) fn needs_store(
         &self,
         ex: &Exchange,
         direction: Direction,
@@ -1144,35 +882,13 @@ impl Policy {
         (out, true)
     }
 
-    /// Parses a body and locates its records. `Ok` with no records when there is
-    /// nothing to inspect.
-    pub fn plan_body(
+    /// Checks a body's size, content coding and media type, and decodes it.
+    pub(crate) fn prepare_body<'b>(
         &self,
-        ex: &Exchange,
-        direction: Direction,
         content_type: Option<&str>,
         content_encoding: Option<&str>,
-        body: &[u8],
-    ) -> Result<BodyPlan, Uninspectable> {
-        let Some(b) = ex.binding(direction) else {
-            return Ok(BodyPlan {
-                doc: None,
-                binding: 0,
-                codings: Vec::new(),
-                records: Vec::new(),
-                store_subjects: Vec::new(),
-            });
-        };
-        let mut plan = BodyPlan {
-            doc: None,
-            binding: b.0,
-            codings: Vec::new(),
-            records: Vec::new(),
-            store_subjects: Vec::new(),
-        };
-        if body.is_empty() {
-            return Ok(plan);
-        }
+        body: Cow<'b, [u8]>,
+    ) -> Result<(Cow<'b, [u8]>, Vec<encoding::Coding>), Uninspectable> {
         if body.len() > self.max_body_bytes {
             return Err(Uninspectable::new(
                 UninspectableKind::TooLarge,
@@ -1190,12 +906,11 @@ impl Policy {
             ),
             other => Uninspectable::new(UninspectableKind::UnsupportedEncoding, format!("{other:?}")),
         })?;
-        let decoded;
         let body = if codings.is_empty() {
             body
         } else {
-            decoded =
-                encoding::decode(body, &codings, self.max_body_bytes).map_err(|e| match e {
+            Cow::Owned(
+                encoding::decode(&body, &codings, self.max_body_bytes).map_err(|e| match e {
                     encoding::DecodeError::TooLarge => Uninspectable::new(
                         UninspectableKind::TooLarge,
                         format!(
@@ -1210,158 +925,159 @@ impl Policy {
                     encoding::DecodeError::Unsupported(c) => {
                         Uninspectable::new(UninspectableKind::UnsupportedEncoding, c)
                     }
-                })?;
-            plan.codings = codings;
-            &decoded[..]
+                })?,
+            )
         };
         match content_type {
-            Some(ct) if is_json_content_type(ct) => {}
-            Some(ct) => {
-                return Err(Uninspectable::new(
-                    UninspectableKind::UnsupportedMediaType,
-                    format!("content-type `{}` is not JSON; this path carries customer data and must be sent as application/json", short(ct)),
-                ))
-            }
-            None => {
-                return Err(Uninspectable::new(
-                    UninspectableKind::UnsupportedMediaType,
-                    "the body has no content-type; this path carries customer data and must be sent as application/json",
-                ))
-            }
+            Some(ct) if is_json_content_type(ct) => Ok((body, codings)),
+            Some(ct) => Err(Uninspectable::new(
+                UninspectableKind::UnsupportedMediaType,
+                format!("content-type `{}` is not JSON; this path carries customer data and must be sent as application/json", short(ct)),
+            )),
+            None => Err(Uninspectable::new(
+                UninspectableKind::UnsupportedMediaType,
+                "the body has no content-type; this path carries customer data and must be sent as application/json",
+            )),
         }
-        let doc: Value = super::strict_json::parse(body).map_err(|e| match e {
-            StrictError::Syntax { too_deep: true, .. } => Uninspectable::new(
-                UninspectableKind::TooDeep,
-                format!(
-                    "JSON nests deeper than the policy's limit of {}",
-                    self.max_depth
-                ),
-            ),
-            StrictError::Syntax { message, .. } => Uninspectable::new(
-                UninspectableKind::Malformed,
-                format!("body is not valid JSON: {message}"),
-            ),
-            dup @ StrictError::DuplicateKey { .. } => Uninspectable::new(
-                UninspectableKind::Ambiguous,
-                format!(
-                    "{dup}; parsers disagree on which value counts, so the body cannot be judged"
-                ),
-            ),
-        })?;
-        if depth_exceeds(&doc, self.max_depth) {
+    }
+
+    /// Reads a body and locates its records: one pass over the bytes that checks them
+    /// as a strict parser would and finds every record with its subject and consent,
+    /// without building a tree ([`stream::scan`]). `Ok` with no records when there is
+    /// nothing to inspect. The plan keeps the (decoded) body for [`Policy::judge_body`].
+    pub fn plan_body(
+        &self,
+        ex: &Exchange,
+        direction: Direction,
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+        body: &[u8],
+    ) -> Result<BodyPlan, Uninspectable> {
+        self.plan_body_cow(ex, direction, content_type, content_encoding, body.into())
+    }
+
+    /// [`Policy::plan_body`] of a body the caller hands over (no copy is made of it).
+    pub fn plan_body_owned(
+        &self,
+        ex: &Exchange,
+        direction: Direction,
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<BodyPlan, Uninspectable> {
+        self.plan_body_cow(ex, direction, content_type, content_encoding, body.into())
+    }
+
+    fn plan_body_cow(
+        &self,
+        ex: &Exchange,
+        direction: Direction,
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+        body: Cow<'_, [u8]>,
+    ) -> Result<BodyPlan, Uninspectable> {
+        let mut plan = BodyPlan {
+            binding: ex.binding(direction).map(|b| b.0),
+            body: Vec::new(),
+            codings: Vec::new(),
+            records: Vec::new(),
+            store_subjects: Vec::new(),
+        };
+        let Some(b) = plan.binding else {
+            return Ok(plan);
+        };
+        if body.is_empty() {
+            plan.binding = None;
+            return Ok(plan);
+        }
+        let (body, codings) = self.prepare_body(content_type, content_encoding, body)?;
+        let binding = &self.bindings[b];
+        let scanned = stream::scan(&body, binding, self.max_depth, self.max_records)
+            .map_err(|e| self.unreadable(e))?;
+        if scanned.too_deep {
+            return Err(self.unreadable(ScanError::TooDeep));
+        }
+        if let Some(n) = scanned.too_many {
             return Err(Uninspectable::new(
-                UninspectableKind::TooDeep,
-                format!(
-                    "JSON nests deeper than the policy's limit of {}",
-                    self.max_depth
-                ),
-            ));
-        }
-        let binding = &self.bindings[b.0];
-        let paths = find_all(&binding.records, &doc, self.max_records).map_err(|n| {
-            Uninspectable::new(
                 UninspectableKind::TooManyRecords,
                 format!("more than {} records (found at least {n}); split the batch or raise limits.max_records", self.max_records),
-            )
-        })?;
-        if let Some(why) = self.shape_problem(binding, &doc, &paths) {
+            ));
+        }
+        if let Some(why) = self.stream_shape_problem(binding, &scanned) {
             let mut refusal = Uninspectable::new(UninspectableKind::ShapeMismatch, why);
             refusal.tolerated = binding.shape_mismatch == ShapeMismatch::Pass;
             return Err(refusal);
         }
-        for path in paths {
-            let Some(record) = get_path_mut_ref(&doc, &path) else {
-                continue;
-            };
-            let subject = binding
-                .subject
-                .as_ref()
-                .and_then(|s| get_singular(s, record))
-                .and_then(subject_of);
-            let consent = binding
-                .consent
-                .as_ref()
-                .and_then(|s| get_singular(s, record))
-                .filter(|v| v.is_object())
-                .cloned();
-            if let Some(s) = &subject {
+        for rec in &scanned.records {
+            if let Some(s) = &rec.subject {
                 if !plan.store_subjects.contains(s)
-                    && self.needs_store(ex, direction, s, consent.as_ref())
+                    && self.needs_store(ex, direction, s, rec.consent.as_ref())
                 {
                     plan.store_subjects.push(s.clone());
                 }
             }
-            plan.records.push(RecordInfo {
-                path,
-                subject,
-                consent,
-            });
         }
-        plan.doc = Some(doc);
+        plan.records = scanned.records;
+        plan.codings = codings;
+        plan.body = body.into_owned();
         Ok(plan)
     }
 
-    /// Why a body does not have its binding's shape, if it does not. A body has it when
-    /// `records` finds records that can hold what the binding declares (objects, `null`
-    /// or empty arrays; any array where a selector starts with an index or a wildcard;
-    /// anything with `undeclared: strip`, which removes what it does not judge), or when
-    /// it finds none because the batch is empty: the deepest part of the records path
-    /// that exists in the body selects only empty containers (`{"customers": []}`, or
-    /// `{}`, `[]`, `null` as the whole body). Anything else (a renamed envelope, a bare
-    /// record, a top-level array, a list of strings) would carry its data past the
-    /// policy unjudged.
-    fn shape_problem(
+    /// The refusal of a body the scan could not read.
+    pub(crate) fn unreadable(&self, e: ScanError) -> Uninspectable {
+        match e {
+            ScanError::TooDeep => Uninspectable::new(
+                UninspectableKind::TooDeep,
+                format!(
+                    "JSON nests deeper than the policy's limit of {}",
+                    self.max_depth
+                ),
+            ),
+            ScanError::Malformed(m) => Uninspectable::new(
+                UninspectableKind::Malformed,
+                format!("body is not valid JSON: {m}"),
+            ),
+            ScanError::Duplicate(key) => Uninspectable::new(
+                UninspectableKind::Ambiguous,
+                format!(
+                    "the key `{key}` appears twice in one object; parsers disagree on which value counts, so the body cannot be judged"
+                ),
+            ),
+        }
+    }
+
+    /// Why a scanned body does not have its binding's shape, if it does not. A body has
+    /// it when `records` finds records that can hold what the binding declares (objects,
+    /// `null` or empty arrays; any array where a selector starts with an index or a
+    /// wildcard; anything with `undeclared: strip`, which removes what it does not
+    /// judge), or when it finds none because the batch is empty: the deepest part of the
+    /// records path that exists in the body selects only empty containers
+    /// (`{"customers": []}`, or `{}`, `[]`, `null` as the whole body). Anything else (a
+    /// renamed envelope, a bare record, a top-level array, a list of strings) would carry
+    /// its data past the policy unjudged.
+    fn stream_shape_problem(
         &self,
         binding: &CBinding,
-        doc: &Value,
-        records: &[Vec<PathElem>],
+        scanned: &stream::Scanned,
     ) -> Option<String> {
-        let records_path = &binding.records.source;
-        let mismatch = || {
-            format!("the body has no records at `{records_path}` and is not an empty batch, so the data in it would pass unjudged; send the records where binding `{}` expects them, or have the policy bind this shape", binding.name)
-        };
-        if records.is_empty() && !binding.records.steps.iter().any(|s| s.descendant) {
-            return (!empty_batch(doc, &binding.records.steps)).then(mismatch);
-        }
-        if records.is_empty() {
-            // With a `..` step the records may be anywhere: the deepest part of the path
-            // that is in the body must select only empty containers.
-            for prefix in &binding.records_prefixes {
-                let nodes = find_all(prefix, doc, self.max_records).unwrap_or_else(|_| vec![]);
-                if nodes.is_empty() {
-                    continue;
-                }
-                let empty = |v: &Value| match v {
-                    Value::Null => true,
-                    Value::Array(a) => a.is_empty(),
-                    Value::Object(o) => o.is_empty(),
-                    _ => false,
-                };
-                let all_empty = nodes
-                    .iter()
-                    .all(|p| get_path_mut_ref(doc, p).is_some_and(empty));
-                return (!all_empty).then(mismatch);
-            }
-            return None;
+        if scanned.records.is_empty() {
+            return (!scanned.empty_batch).then(|| {
+                format!("the body has no records at `{}` and is not an empty batch, so the data in it would pass unjudged; send the records where binding `{}` expects them, or have the policy bind this shape", binding.records.source, binding.name)
+            });
         }
         // With `undeclared: strip` whatever a record holds is judged or removed.
         if self.undeclared == Undeclared::Strip {
             return None;
         }
-        for p in records {
-            let ok = match get_path_mut_ref(doc, p) {
-                None | Some(Value::Null | Value::Object(_)) => true,
-                Some(Value::Array(a)) => a.is_empty() || !binding.records_are_objects,
-                Some(_) => false,
-            };
-            if !ok {
-                return Some(format!("a record at `{}` is not a JSON object, so binding `{}` cannot judge what it holds; send each record as an object", path_string(p), binding.name));
-            }
-        }
-        None
+        let bad = scanned
+            .records
+            .iter()
+            .find(|r| !r.shape_ok(binding.records_are_objects))?;
+        Some(format!("a record at `{}` is not a JSON object, so binding `{}` cannot judge what it holds; send each record as an object", bad.path, binding.name))
     }
 
-    /// Decides every record of a planned body and applies the actions.
+    /// Decides every record of a planned body and applies the actions, in one pass over
+    /// the body's bytes ([`stream::rewrite`]).
     pub fn judge_body(
         &self,
         ex: &Exchange,
@@ -1370,37 +1086,26 @@ impl Policy {
         store: &StoreAnswers,
     ) -> BodyVerdict {
         let mut verdict = BodyVerdict::default();
-        let Some(mut doc) = plan.doc else {
+        let Some(b) = plan.binding else {
             return verdict;
         };
-        let binding = &self.bindings[plan.binding];
-        let mut changed = false;
-        let initial = binding.matcher.start();
-        for rec in &plan.records {
-            let Some(node) = get_path_mut(&mut doc, &rec.path) else {
-                continue;
-            };
-            let mut judge = Judge::new(self, ex, direction, rec.subject.as_deref(), store);
-            judge.record_consent = rec.consent.as_ref();
-            judge.record_consent_path = binding.consent.as_ref().map(|s| s.source.as_str());
-            let mut path = path_string(&rec.path);
-            let mut walk = RecordWalk {
-                judge,
-                binding,
-                report: &mut verdict.report,
-                changed: false,
-            };
-            let keep = walk.visit(node, &initial, false, &mut path);
-            changed |= walk.changed;
-            if !keep {
-                // The record itself was removed: it stays in place as `null`, so the
-                // positions of the other records do not shift.
-                *node = Value::Null;
-            }
-        }
-        if changed {
-            // A Value with string keys always serialises; the encoders write to memory.
-            let json = serde_json::to_vec(&doc).unwrap_or_default();
+        let binding = &self.bindings[b];
+        let consent_path = binding.consent.as_ref().map(|s| s.source.as_str());
+        let new_body = stream::rewrite(
+            self,
+            binding,
+            &plan.body,
+            &plan.records,
+            |rec| {
+                let mut judge = Judge::new(self, ex, direction, rec.subject.as_deref(), store);
+                judge.record_consent = rec.consent.as_ref();
+                judge.record_consent_path = consent_path;
+                judge
+            },
+            &mut verdict.report,
+        );
+        if let Some(json) = new_body {
+            // The encoders write to memory.
             verdict.body = Some(encoding::encode(&json, &plan.codings).unwrap_or(json));
         }
         verdict
@@ -1513,46 +1218,6 @@ impl Policy {
         .to_string()
         .into_bytes()
     }
-}
-
-/// Whether `node`, in which the record path `steps` (no `..` among them) finds no record,
-/// is an empty batch: every branch of the path ends in an empty container (or `null`)
-/// before it ends, never at a member that is not there or at a scalar.
-fn empty_batch(node: &Value, steps: &[super::selector::Step]) -> bool {
-    let Some((step, rest)) = steps.split_first() else {
-        return true;
-    };
-    let selects = |edge: Edge<'_>| step.atoms.iter().any(|a| a.matches(edge));
-    let children: Vec<&Value> = match node {
-        Value::Null => return true,
-        Value::Array(a) if a.is_empty() => return true,
-        Value::Object(o) if o.is_empty() => return true,
-        Value::Array(a) => a
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| selects(Edge::Index(*i, a.len())))
-            .map(|(_, v)| v)
-            .collect(),
-        Value::Object(o) => o
-            .iter()
-            .filter(|(k, _)| selects(Edge::Key(k)))
-            .map(|(_, v)| v)
-            .collect(),
-        _ => return false,
-    };
-    !children.is_empty() && children.iter().all(|c| empty_batch(c, rest))
-}
-
-fn get_path_mut_ref<'v>(root: &'v Value, path: &[PathElem]) -> Option<&'v Value> {
-    let mut cur = root;
-    for e in path {
-        cur = match (e, cur) {
-            (PathElem::Key(k), Value::Object(o)) => o.get(k)?,
-            (PathElem::Index(i), Value::Array(a)) => a.get(*i)?,
-            _ => return None,
-        };
-    }
-    Some(cur)
 }
 
 /// `(raw name, decoded value)` of each parameter of a path's query, split on `&` and

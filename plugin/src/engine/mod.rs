@@ -23,7 +23,12 @@ mod matcher;
 pub mod policy;
 pub mod route;
 mod selector;
+mod stream;
+// The tree evaluator, the streaming path's oracle in tests: native builds only.
+#[cfg(not(target_arch = "wasm32"))]
 mod strict_json;
+#[cfg(not(target_arch = "wasm32"))]
+mod tree;
 
 pub use compile::{
     category_covers, Action, Policy, PolicyError, PolicyErrors, RouteMatch, StoreConfig,
@@ -37,6 +42,8 @@ pub use eval::{
     BodyPlan, BodyVerdict, Exchange, HeaderPlan, HeaderVerdict, IdentitySource, Party, Report,
     Uninspectable, UninspectableKind,
 };
+#[cfg(not(target_arch = "wasm32"))]
+pub use tree::TreePlan;
 
 /// Which way a message travels. A request body goes to the upstream service; a response
 /// body goes back to the caller. Decisions are about the recipient of the bytes.
