@@ -130,8 +130,11 @@ fn hex4(b: &[u8], at: usize) -> Option<u32> {
 fn decode<'b>(b: &'b [u8], raw: Raw) -> Cow<'b, str> {
     let bytes = b.get(raw.start..raw.end).unwrap_or(&[]);
     if !raw.escaped {
-        // Checked UTF-8: borrowed, never replaced.
-        return String::from_utf8_lossy(bytes);
+        // Checked UTF-8 by the scan: borrowed, never replaced.
+        return match std::str::from_utf8(bytes) {
+            Ok(s) => Cow::Borrowed(s),
+            Err(_) => String::from_utf8_lossy(bytes),
+        };
     }
     let mut out = String::with_capacity(bytes.len());
     let mut i = 0;
@@ -288,11 +291,15 @@ fn has_negative_index(sel: &Selector) -> bool {
     })
 }
 
-/// FNV-1a, for the duplicate-key check.
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
+/// A cheap fingerprint of a key for the duplicate check: its length and its first and
+/// last eight bytes. Equal fingerprints are compared in full, so a collision costs a
+/// comparison, never a wrong answer.
+fn fingerprint(bytes: &[u8]) -> u64 {
+    let word = |b: &[u8]| b.iter().fold(0u64, |w, &x| w << 8 | u64::from(x));
+    let n = bytes.len();
+    let head = word(&bytes[..n.min(8)]);
+    let tail = word(&bytes[n.saturating_sub(8)..]);
+    head ^ tail.rotate_left(29) ^ (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -309,6 +316,13 @@ struct At {
     con: Option<usize>,
     /// (prefix, position) of the records path's prefixes, for a `..` records path.
     pre: Vec<(usize, usize)>,
+}
+
+impl At {
+    /// No selector the scan follows can select this node or anything below it.
+    fn is_off(&self) -> bool {
+        self.rec.is_empty() && self.sub.is_none() && self.con.is_none() && self.pre.is_empty()
+    }
 }
 
 /// What a node tells its parent.
@@ -453,6 +467,11 @@ impl<'b> Scanner<'b, '_> {
     }
 
     fn value(&mut self, depth: usize, at: &At) -> Result<Node, ScanError> {
+        if at.is_off() {
+            // Off every selector's path (most of a record): only checked.
+            let kind = self.plain(depth)?;
+            return Ok(self.leaf(kind));
+        }
         let start = self.i;
         let binding = self.binding;
         let is_record = at.rec.iter().any(|&p| binding.records.is_complete(p));
@@ -514,6 +533,82 @@ impl<'b> Scanner<'b, '_> {
             node.batch_empty = true;
         }
         Ok(node)
+    }
+
+    /// Checks the value at `self.i` and says what kind it is; follows no selector.
+    fn plain(&mut self, depth: usize) -> Result<Kind, ScanError> {
+        match self.b.get(self.i) {
+            Some(b'{') => {
+                self.open(depth)?;
+                let keys_from = self.keys.len();
+                let mut members = 0usize;
+                self.ws();
+                if self.b.get(self.i) == Some(&b'}') {
+                    self.i += 1;
+                } else {
+                    loop {
+                        self.ws();
+                        if self.b.get(self.i) != Some(&b'"') {
+                            return Err(self.malformed("expected a string as an object key"));
+                        }
+                        let raw = self.string()?;
+                        self.check_duplicate(keys_from, raw)?;
+                        self.ws();
+                        if self.b.get(self.i) != Some(&b':') {
+                            return Err(self.malformed("expected `:` after an object key"));
+                        }
+                        self.i += 1;
+                        self.ws();
+                        members += 1;
+                        self.plain(depth + 1)?;
+                        self.ws();
+                        match self.b.get(self.i) {
+                            Some(b',') => self.i += 1,
+                            Some(b'}') => {
+                                self.i += 1;
+                                break;
+                            }
+                            _ => return Err(self.malformed("expected `,` or `}` in an object")),
+                        }
+                    }
+                }
+                self.keys.truncate(keys_from);
+                Ok(Kind::Object {
+                    empty: members == 0,
+                })
+            }
+            Some(b'[') => {
+                self.open(depth)?;
+                let mut n = 0usize;
+                self.ws();
+                if self.b.get(self.i) == Some(&b']') {
+                    self.i += 1;
+                } else {
+                    loop {
+                        self.ws();
+                        self.plain(depth + 1)?;
+                        n += 1;
+                        self.ws();
+                        match self.b.get(self.i) {
+                            Some(b',') => self.i += 1,
+                            Some(b']') => {
+                                self.i += 1;
+                                break;
+                            }
+                            _ => return Err(self.malformed("expected `,` or `]` in an array")),
+                        }
+                    }
+                }
+                Ok(Kind::Array { empty: n == 0 })
+            }
+            Some(b'"') => self.string().map(|_| Kind::Scalar),
+            Some(b't') => self.literal(b"true", Kind::Scalar).map(|n| n.kind),
+            Some(b'f') => self.literal(b"false", Kind::Scalar).map(|n| n.kind),
+            Some(b'n') => self.literal(b"null", Kind::Null).map(|n| n.kind),
+            Some(b'-' | b'0'..=b'9') => self.number().map(|()| Kind::Scalar),
+            Some(_) => Err(self.malformed("expected a JSON value")),
+            None => Err(self.malformed("the body ends where a value was expected")),
+        }
     }
 
     fn leaf(&self, kind: Kind) -> Node {
@@ -724,9 +819,9 @@ impl<'b> Scanner<'b, '_> {
         let hash = if raw.escaped {
             self.scratch.clear();
             self.scratch.push_str(&decode(b, raw));
-            fnv(self.scratch.as_bytes())
+            fingerprint(self.scratch.as_bytes())
         } else {
-            fnv(&b[raw.start..raw.end])
+            fingerprint(&b[raw.start..raw.end])
         };
         for k in &self.keys[from..] {
             if k.hash == hash && decode(b, k.raw) == decode(b, raw) {
@@ -861,8 +956,40 @@ impl<'b> Scanner<'b, '_> {
                 return Err(self.malformed("an invalid number"));
             }
         }
-        // An integer of up to 18 digits always fits; anything else may not.
-        if !plain || i - start > 18 {
+        // Only a number that nears f64's range can overflow: below 10^(digits before the
+        // point + exponent), so parse just those whose bound reaches 10^300 (an underflow
+        // is 0, which serde_json accepts too).
+        let text = &b[start..i];
+        let int_digits = text
+            .iter()
+            .take_while(|c| !matches!(c, b'.' | b'e' | b'E'))
+            .filter(|c| c.is_ascii_digit())
+            .count() as i64;
+        let exponent = match text.iter().position(|&c| c == b'e' || c == b'E') {
+            None => 0,
+            Some(e) => {
+                let digits = &text[e + 1..];
+                let (neg, digits) = match digits.first() {
+                    Some(b'-') => (true, &digits[1..]),
+                    Some(b'+') => (false, &digits[1..]),
+                    _ => (false, digits),
+                };
+                // More than six digits: treat as huge and let the parse decide.
+                let v = if digits.len() > 6 {
+                    i64::MAX / 2
+                } else {
+                    digits
+                        .iter()
+                        .fold(0i64, |v, d| v * 10 + i64::from(d - b'0'))
+                };
+                if neg {
+                    -v
+                } else {
+                    v
+                }
+            }
+        };
+        if !plain && int_digits + exponent >= 300 || plain && int_digits >= 300 {
             let text = std::str::from_utf8(&b[start..i]).unwrap_or("x");
             if !text.parse::<f64>().is_ok_and(f64::is_finite) {
                 self.i = start;
@@ -1390,6 +1517,35 @@ mod tests {
             scan_err(&format!("{}{}", "[".repeat(130), "]".repeat(130))),
             ScanError::TooDeep
         ));
+    }
+
+    #[test]
+    fn numbers_are_refused_exactly_where_serde_json_refuses_them() {
+        let p = crate::engine::tests::policy();
+        let long = "9".repeat(400);
+        for n in [
+            "1e308",
+            "9e308",
+            "1.7976931348623157e308",
+            "1.8e308",
+            "1e-400",
+            "0e400",
+            "-1e309",
+            "1E+308",
+            "1e+309",
+            "123456789e300",
+            "0.000001e310",
+            &long,
+            "1e-99999999999",
+            "1e99999999999",
+            "-0",
+            "0.5e-5",
+        ] {
+            let doc = format!("[{n}]");
+            let serde_ok = serde_json::from_str::<Value>(&doc).is_ok();
+            let ours = scan(doc.as_bytes(), &p.bindings[0], 64, 10).is_ok();
+            assert_eq!(ours, serde_ok, "{n}");
+        }
     }
 
     #[test]
