@@ -25,8 +25,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "envoy" / "bench" / "run"
-CONFIGS = ["passthrough", "buffer", "noop-wasm", "consentry", "consentry-nohash", "lua-gsub"]
-CONSENTRY = {"consentry", "consentry-nohash"}
+CONFIGS = ["passthrough", "buffer", "noop-wasm", "consentry", "consentry-exempt",
+           "consentry-nohash", "lua-gsub"]
+CONSENTRY = {"consentry", "consentry-exempt", "consentry-nohash"}
 REWRITING = CONSENTRY | {"lua-gsub"}
 WORKLOADS = [("covered", 1024), ("uncovered", 1024), ("open", 1024)]
 TIMEOUT_S = 300
@@ -161,7 +162,8 @@ def test_targets_computed_and_marked(smoke):
     assert got == {("consentry", "noop-wasm", "covered", 1024),
                    ("consentry-nohash", "noop-wasm", "covered", 1024),
                    ("consentry", "lua-gsub", "covered", 1024),
-                   ("consentry", "passthrough", "uncovered", 1024)}, got
+                   ("consentry", "passthrough", "uncovered", 1024),
+                   ("consentry-exempt", "passthrough", "uncovered", 1024)}, got
     for t in doc["targets"]:
         assert t["metric"] == "proxy CPU per request"
         assert positive(t["value"]) and positive(t["limit"]) and t["op"] in ("<=", ">="), t
