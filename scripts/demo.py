@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sys
 import textwrap
@@ -59,26 +58,24 @@ def pretty_body(raw: bytes | str, indent: int = 4) -> str:
 
 
 def summarize_decision(d: dict) -> str:
-    """The entry's header, then its field decisions grouped: one line per field and
-    verdict, naming the records (indices in $.customers) it applied to."""
+    """The record's header, then its decision groups (format v2): one line per group,
+    with its path templates, verdict, how many fields it stands for and which subjects
+    (indexes into the record's `subjects`, which are keyed pseudonyms)."""
     head = (f"direction={d.get('direction')} recipient={d.get('recipient')} "
             f"caller={d.get('caller')} mode={d.get('mode')} outcome={d.get('outcome')}")
+    if d.get("records"):
+        head += f" records={d['records']} subjects={len(d.get('subjects', []))}"
     lines = [head]
     if d.get("detail"):
         lines.append(f"detail: {d['detail']}")
-    groups: dict = {}
-    for f in d.get("fields", []):
-        m = re.match(r"^\$\.customers\[(\d+)\](.*)$", f.get("path", ""))
-        rec, field = (m.group(1), "$.customers[*]" + m.group(2)) if m else (None, f.get("path"))
-        key = (field, f.get("category", ""), f.get("action", ""), f.get("reason") or "",
-               f"{f.get('purpose')} ({f.get('basis')})" if f.get("purpose") else "",
-               f.get("evidence") or "")
-        groups.setdefault(key, []).append(rec)
-    for (field, cat, action, reason, basis, ev), recs in groups.items():
-        which = ",".join(r for r in recs if r is not None)
+    for g in d.get("decisions", []):
+        paths = ", ".join(g.get("paths", [])) or "-"
+        basis = f"{g.get('purpose')} ({g.get('basis')})" if g.get("purpose") else ""
+        ev = g.get("evidence") or ""
         extra = " ".join(x for x in (basis, f"evidence={ev}" if ev else "") if x)
-        lines.append(f"  {field:<28} {cat:<31} {action:<6} {reason:<10} "
-                     f"rec {which:<8} {extra}".rstrip())
+        lines.append(f"  {paths:<28} {g.get('category', ''):<31} {g.get('action', ''):<6} "
+                     f"{g.get('reason') or '':<10} n={g.get('n', 0):<3} "
+                     f"subj {g.get('subjects', '-'):<6} {extra}".rstrip())
     return textwrap.indent("\n".join(lines), "    ")
 
 

@@ -5,11 +5,13 @@
 //! - [`traffic`]: recorded traffic (native format, Envoy tap traces, HAR).
 //! - [`replay`]: runs recordings and checks them against expectations.
 //! - [`check`]: validates a policy with file, line and column for every problem.
+//! - [`record`]: reads decision records v2 (and refuses other versions).
 //! - [`report`]: summarises decision logs for security reviewers.
 
 pub mod check;
 pub mod envoy_path;
 pub mod host;
+pub mod record;
 pub mod replay;
 pub mod report;
 pub mod traffic;

@@ -454,7 +454,8 @@ fn print_replayed(x: &Replayed, trace: bool) {
 struct Change {
     exchange: String,
     direction: &'static str,
-    /// flow: whole-message outcome; field: one field's action.
+    /// flow: whole-message outcome; field: the action at one path template for one
+    /// subject (or for the decisions without a subject).
     kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     path: Option<String>,
@@ -466,27 +467,22 @@ struct Change {
     new: String,
 }
 
+/// (path template, category, action, subject) of each decision of a direction's record
+/// (see [`consentry_harness::record::decisions`]), each once.
 fn field_actions(
     d: &consentry_harness::replay::DirectionResult,
 ) -> Vec<(String, String, String, Option<String>)> {
-    d.decision
-        .as_ref()
-        .and_then(|v| v.get("fields"))
-        .and_then(Value::as_array)
-        .map(|fs| {
-            fs.iter()
-                .map(|f| {
-                    let s = |k: &str| f.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-                    (
-                        s("path"),
-                        s("category"),
-                        s("action"),
-                        f.get("subject").and_then(Value::as_str).map(str::to_string),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    let Some(entry) = d.decision.as_ref().and_then(Value::as_object) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, String, String, Option<String>)> =
+        consentry_harness::record::decisions(entry)
+            .into_iter()
+            .map(|d| (d.path, d.category, d.action, d.subject))
+            .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 fn flow_state(d: &consentry_harness::replay::DirectionResult) -> String {
@@ -523,10 +519,12 @@ fn diff_exchange(a: &Replayed, b: &Replayed) -> Vec<Change> {
             });
         }
         let (xa, ya) = (field_actions(x), field_actions(y));
+        // A field is its path template, category and subject: templates stand for every
+        // record, so the subject tells records apart.
         for (path, cat, act, subj) in &ya {
             let before = xa
                 .iter()
-                .find(|(p, c, _, _)| p == path && c == cat)
+                .find(|(p, c, _, s)| p == path && c == cat && s == subj)
                 .map(|(_, _, a, _)| a.clone());
             let before = before.unwrap_or_else(|| "not declared".into());
             if &before != act {
@@ -543,7 +541,10 @@ fn diff_exchange(a: &Replayed, b: &Replayed) -> Vec<Change> {
             }
         }
         for (path, cat, act, subj) in &xa {
-            if !ya.iter().any(|(p, c, _, _)| p == path && c == cat) {
+            if !ya
+                .iter()
+                .any(|(p, c, _, s)| p == path && c == cat && s == subj)
+            {
                 out.push(Change {
                     exchange: a.label(),
                     direction: dir,
@@ -587,7 +588,8 @@ fn print_change(c: &Change) {
     }
 }
 
-/// Per direction, every field decision with the purposes the recipient could have used.
+/// Per direction, every decision group of the record (path templates, category, action,
+/// how many fields and subjects) with the purposes the recipient could have used.
 fn explain(x: &Replayed, policy: &Value) -> Value {
     let mut dirs = Vec::new();
     for (dir, d) in [("request", &x.request), ("response", &x.response)] {
@@ -602,7 +604,7 @@ fn explain(x: &Replayed, policy: &Value) -> Value {
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
         let fields: Vec<Value> = dec
-            .get("fields")
+            .get("decisions")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
@@ -617,9 +619,16 @@ fn explain(x: &Replayed, policy: &Value) -> Value {
                         Some(serde_json::json!({ "purpose": p, "basis": pv.get("basis"), "allows": covering }))
                     })
                     .collect();
+                let subjects = match (dec.as_object(), f.as_object()) {
+                    (Some(e), Some(g)) => consentry_harness::record::group_subjects(e, g).len(),
+                    _ => 0,
+                };
                 let mut f = f.clone();
                 if let Some(o) = f.as_object_mut() {
                     o.insert("purposes_considered".into(), Value::Array(considered));
+                    // The pseudonyms, not the indexes into the record's list.
+                    o.insert("subject_count".into(), Value::from(subjects));
+                    o.remove("subjects");
                 }
                 f
             })
@@ -633,7 +642,8 @@ fn explain(x: &Replayed, policy: &Value) -> Value {
             "detail": dec.get("detail"),
             "inspected": dec.get("inspected").and_then(Value::as_bool).unwrap_or(true),
             "allowed_categories": dec.get("allowed_categories").cloned().unwrap_or_else(|| Value::Array(Vec::new())),
-            "fields": fields,
+            "records": dec.get("records").cloned().unwrap_or(Value::from(0)),
+            "decisions": fields,
         }));
     }
     serde_json::json!({ "exchange": x.label(), "directions": dirs })
@@ -697,7 +707,7 @@ fn print_explained(x: &Replayed, e: &Value) {
             }
         }
         for f in d
-            .get("fields")
+            .get("decisions")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
@@ -708,10 +718,37 @@ fn print_explained(x: &Replayed, e: &Value) {
             } else {
                 style(AnsiColor::Red)
             };
+            let paths: Vec<&str> = f
+                .get("paths")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let n = f.get("n").and_then(Value::as_u64).unwrap_or(1);
+            let subjects = f.get("subject_count").and_then(Value::as_u64).unwrap_or(0);
+            let folded = f.get("folded").and_then(Value::as_u64).unwrap_or(0);
             println!(
-                "  {}  [{}]  {st}{action}{st:#}",
-                s(f, "path"),
-                s(f, "category")
+                "  {}  [{}]  {st}{action}{st:#}  ({}{}{})",
+                if paths.is_empty() {
+                    "-".to_string()
+                } else {
+                    paths.join(", ")
+                },
+                s(f, "category"),
+                if n == 1 {
+                    "1 field".to_string()
+                } else {
+                    format!("{n} fields")
+                },
+                match subjects {
+                    0 => String::new(),
+                    1 => ", 1 subject".to_string(),
+                    k => format!(", {k} subjects"),
+                },
+                if folded > 0 {
+                    format!(", {folded} at paths not listed")
+                } else {
+                    String::new()
+                }
             );
             let considered = f
                 .get("purposes_considered")

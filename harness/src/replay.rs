@@ -74,6 +74,8 @@ impl LoadedPolicy {
 /// The harness's VM, restarted after a trap, with the settings it was made with.
 pub struct Runner {
     plugin: Plugin,
+    /// The module, named in errors.
+    wasm: String,
     settings: Settings,
     policy: LoadedPolicy,
     vm: Option<Vm>,
@@ -97,6 +99,7 @@ impl Runner {
         let start_logs = vm.logs().to_vec();
         Ok(Runner {
             plugin,
+            wasm: wasm.display().to_string(),
             settings,
             policy,
             vm: Some(vm),
@@ -130,7 +133,7 @@ impl Runner {
             // A trapped VM is gone, as in Envoy; the next exchange gets a new one.
             self.vm = None;
         }
-        Ok(Replayed::new(rec, out))
+        Replayed::new(rec, out, &self.wasm)
     }
 }
 
@@ -245,12 +248,35 @@ pub struct Replayed {
     pub raw: ExchangeOutput,
 }
 
-fn decisions(out: &ExchangeOutput) -> Vec<Value> {
-    out.logs
-        .iter()
-        .filter_map(|l| l.message.strip_prefix(DECISION_PREFIX))
-        .filter_map(|j| serde_json::from_str(j).ok())
-        .collect()
+/// The decision records the filter logged for one exchange. A record of another
+/// version than this consentry reads (a `.wasm` older than decision record v2) is an
+/// error naming the module and the log line, never read wrong.
+fn decisions(out: &ExchangeOutput, wasm: &str) -> Result<Vec<Value>> {
+    let mut found = Vec::new();
+    for (i, l) in out.logs.iter().enumerate() {
+        let Some(j) = l.message.strip_prefix(DECISION_PREFIX) else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(j).with_context(|| {
+            format!(
+                "the filter ({wasm}) logged a decision line that is not JSON (log line {} of the exchange)",
+                i + 1
+            )
+        })?;
+        if let Some(o) = v.as_object() {
+            if !crate::record::is_supported(o) {
+                anyhow::bail!(
+                    "{}: rebuild the .wasm from this consentry's source",
+                    crate::record::unsupported(
+                        o,
+                        &format!("line {} of the exchange's log from {wasm}", i + 1)
+                    )
+                );
+            }
+        }
+        found.push(v);
+    }
+    Ok(found)
 }
 
 fn direction_result(fate: &Fate, decision: Option<Value>) -> DirectionResult {
@@ -270,8 +296,8 @@ fn direction_result(fate: &Fate, decision: Option<Value>) -> DirectionResult {
 }
 
 impl Replayed {
-    fn new(rec: &Recording, out: ExchangeOutput) -> Replayed {
-        let logs = decisions(&out);
+    fn new(rec: &Recording, out: ExchangeOutput, wasm: &str) -> Result<Replayed> {
+        let logs = decisions(&out, wasm)?;
         let find = |dir: &str| {
             logs.iter()
                 .find(|d| d.get("direction").and_then(Value::as_str) == Some(dir))
@@ -310,7 +336,7 @@ impl Replayed {
             check_direction("response", &exp.response, &r.response, &mut m);
             r.mismatches.extend(m);
         }
-        r
+        Ok(r)
     }
 
     pub fn passed(&self) -> bool {
@@ -448,5 +474,47 @@ fn diff_at(path: &str, want: &Value, got: &Value, out: &mut Vec<String>) {
         }
         (a, b) if a != b => out.push(format!("  ~ {path}: expected {a}, got {b}")),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::LogLine;
+
+    fn output(lines: &[&str]) -> ExchangeOutput {
+        ExchangeOutput {
+            request: Fate::NotReached,
+            response: Fate::NotReached,
+            client: None,
+            logs: lines
+                .iter()
+                .map(|m| LogLine {
+                    level: "info",
+                    message: m.to_string(),
+                })
+                .collect(),
+            filter_state: BTreeMap::new(),
+            http_calls: Vec::new(),
+            trace: Vec::new(),
+            trap: None,
+        }
+    }
+
+    #[test]
+    fn a_v1_record_from_an_old_wasm_is_an_error_naming_it() {
+        let v2 = format!(
+            r#"{DECISION_PREFIX}{{"v":2,"outcome":"allowed","decisions":[],"counts":{{}}}}"#
+        );
+        let v1 = format!(r#"{DECISION_PREFIX}{{"outcome":"allowed","fields":[],"counts":{{}}}}"#);
+        let ok = decisions(&output(&["policy loaded", &v2]), "f.wasm").unwrap();
+        assert_eq!(ok.len(), 1);
+        let err = decisions(&output(&["policy loaded", &v2, &v1]), "old.wasm")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("unsupported decision-record version (v1 line 3 of the exchange's log from old.wasm; this consentry reads v2)"),
+            "{err}"
+        );
     }
 }

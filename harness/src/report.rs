@@ -12,8 +12,11 @@
 //!   log line).
 //!
 //! and groups the blocked, modified and uninspectable flows (and, on request, the allowed
-//! ones) by caller → recipient → category. Entries hold subjects only as keyed
-//! pseudonyms; the report counts distinct subjects and never shows the pseudonyms.
+//! ones) by caller → recipient → category. Entries are decision records v2
+//! ([`crate::record`]); an entry of another version (a v1 line, without `"v": 2`) fails
+//! the read with the file and line, rather than being read wrong or skipped. Entries hold
+//! subjects only as keyed pseudonyms; the report counts distinct subjects and never shows
+//! the pseudonyms.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -52,22 +55,97 @@ pub struct ReportOptions {
 // ---------------------------------------------------------------------------------------
 
 /// Reads the decision entries of one log file (`-` for standard input). Returns the
-/// entries and warnings about lines that were skipped (`line 12: ...`). Fails only when
-/// the input cannot be read (or is compressed); bad lines never fail the read.
+/// entries and warnings about lines that were skipped (`line 12: ...`). Fails when the
+/// input cannot be read (or is compressed), and at the first entry of a decision-record
+/// version this consentry does not read (`FILE:LINE: unsupported decision-record version
+/// (v1 line LINE of FILE; this consentry reads v2)`); other bad lines never fail the
+/// read.
 pub fn read_entries(path: &Path) -> anyhow::Result<(Vec<Value>, Vec<String>)> {
     if path.as_os_str() == "-" {
         let stdin = std::io::stdin();
-        read_from(stdin.lock()).context("cannot read decision logs from standard input")
+        match read_named(stdin.lock(), "standard input") {
+            Err(ReadError::Io(e)) => {
+                Err(e).context("cannot read decision logs from standard input")
+            }
+            other => other.map_err(|e| anyhow::anyhow!("{e}")),
+        }
     } else {
         let file = std::fs::File::open(path)
             .with_context(|| format!("cannot open decision log {}", path.display()))?;
-        read_from(BufReader::new(file))
-            .with_context(|| format!("cannot read decision log {}", path.display()))
+        let name = path.display().to_string();
+        match read_named(BufReader::new(file), &name) {
+            Err(ReadError::Io(e)) => {
+                Err(e).with_context(|| format!("cannot read decision log {name}"))
+            }
+            other => other.map_err(|e| anyhow::anyhow!("{e}")),
+        }
     }
 }
 
-/// [`read_entries`] on any reader.
-pub fn read_from<R: BufRead>(mut reader: R) -> anyhow::Result<(Vec<Value>, Vec<String>)> {
+/// Why an input could not be read.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The input could not be read, or is compressed.
+    Io(anyhow::Error),
+    /// An entry of a decision-record version this consentry does not read, with where.
+    Version(String),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Io(e) => write!(f, "{e:#}"),
+            ReadError::Version(m) => f.write_str(m),
+        }
+    }
+}
+
+/// [`read_entries`] on any reader (named `input` in errors).
+pub fn read_from<R: BufRead>(reader: R) -> anyhow::Result<(Vec<Value>, Vec<String>)> {
+    read_named(reader, "input").map_err(|e| match e {
+        ReadError::Io(e) => e,
+        ReadError::Version(m) => anyhow::anyhow!(m),
+    })
+}
+
+/// [`read_entries`] on any reader; `name` is the input's name in errors.
+pub fn read_named<R: BufRead>(
+    reader: R,
+    name: &str,
+) -> Result<(Vec<Value>, Vec<String>), ReadError> {
+    let (entries, warnings, bad) = read_lines(reader).map_err(ReadError::Io)?;
+    if let Some((line, entry)) = bad {
+        let place = match line {
+            Some(l) => format!("line {l} of {name}"),
+            None => format!("entry {entry} of {name}"),
+        };
+        let msg = crate::record::unsupported(
+            entries[entry - 1].as_object().unwrap_or(&Map::new()),
+            &place,
+        );
+        return Err(ReadError::Version(match line {
+            Some(l) => format!("{name}:{l}: {msg}"),
+            None => format!("{name}: {msg}"),
+        }));
+    }
+    Ok((entries, warnings))
+}
+
+/// The first entry of another version: (line, if known; 1-based entry number).
+type BadVersion = Option<(Option<usize>, usize)>;
+
+fn first_unsupported(entries: &[Value], from: usize) -> Option<usize> {
+    entries[from..]
+        .iter()
+        .position(|e| {
+            e.as_object()
+                .is_some_and(|o| !crate::record::is_supported(o))
+        })
+        .map(|i| from + i + 1)
+}
+
+#[allow(clippy::type_complexity)]
+fn read_lines<R: BufRead>(mut reader: R) -> anyhow::Result<(Vec<Value>, Vec<String>, BadVersion)> {
     let mut all = Vec::new();
     reader.read_to_end(&mut all)?;
     // One pretty-printed JSON document (`consentry replay --format json`): its first
@@ -83,7 +161,8 @@ pub fn read_from<R: BufRead>(mut reader: R) -> anyhow::Result<(Vec<Value>, Vec<S
             if n == 0 {
                 problems.push("the JSON document holds no decision entries".into());
             }
-            return Ok((entries, problems));
+            let bad = first_unsupported(&entries, 0).map(|i| (None, i));
+            return Ok((entries, problems, bad));
         }
     }
     let mut reader = std::io::Cursor::new(all);
@@ -106,9 +185,15 @@ pub fn read_from<R: BufRead>(mut reader: R) -> anyhow::Result<(Vec<Value>, Vec<S
         if line_no == 1 {
             line = line.trim_start_matches('\u{feff}');
         }
+        let before = state.entries.len();
         state.line(line_no, line);
+        if state.bad.is_none() {
+            state.bad = first_unsupported(&state.entries, before).map(|i| (Some(line_no), i));
+        }
     }
-    Ok(state.finish())
+    let bad = state.bad;
+    let (entries, warnings) = state.finish();
+    Ok((entries, warnings, bad))
 }
 
 #[derive(Default)]
@@ -118,6 +203,8 @@ struct Reader {
     suppressed: usize,
     /// Lines that held no entry and were not worth a warning (Envoy's other log lines).
     ignored: usize,
+    /// The first entry of a version this consentry does not read.
+    bad: BadVersion,
 }
 
 impl Reader {
@@ -229,12 +316,21 @@ fn parse_after_marker(
     }
 }
 
-/// Whether an object is a decision entry (of any version of the format).
+/// Whether an object is a decision entry (of any version of the format: v1 listed
+/// `fields`, v2 `decisions`).
 fn looks_like_entry(map: &Map<String, Value>) -> bool {
     map.get("outcome").is_some_and(Value::is_string)
-        && ["recipient", "caller", "policy", "fields", "counts"]
-            .iter()
-            .any(|k| map.contains_key(*k))
+        && [
+            "v",
+            "recipient",
+            "caller",
+            "policy",
+            "decisions",
+            "fields",
+            "counts",
+        ]
+        .iter()
+        .any(|k| map.contains_key(*k))
 }
 
 /// Collects the decision entries in a JSON value; returns how many it found.
@@ -371,8 +467,7 @@ impl OutcomeCounts {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CategorySummary {
     pub category: String,
-    /// Field decisions counted (as listed in the entries' `fields`; see
-    /// [`Flow::fields_omitted`]).
+    /// Field decisions counted (the `n` of the entries' decision groups).
     pub decisions: usize,
     /// Per action: `strip`, `redact`, `hash`, `mask`, `block` (and `allow` when allowed
     /// flows are included).
@@ -439,12 +534,8 @@ pub struct Flow {
     pub categories: Vec<CategorySummary>,
     /// Why messages were uninspectable (`detail`), with counts.
     pub uninspectable: BTreeMap<String, usize>,
-    /// Field decisions left out of entries to bound their size: when non-zero, the
-    /// per-category counts are partial and `action_totals` is the complete count.
-    pub fields_omitted: usize,
-    pub entries_with_omitted_fields: usize,
-    /// Field decisions per action, from each entry's `counts` (complete even when
-    /// entries omitted fields).
+    /// Field decisions per action, from each entry's `counts` (the groups' when an entry
+    /// has none).
     pub action_totals: BTreeMap<String, usize>,
 }
 
@@ -462,8 +553,6 @@ pub struct Report {
     pub last_seen: Option<String>,
     /// Entries per outcome, allowed ones included even when they are not listed.
     pub totals: OutcomeCounts,
-    /// Whether some entries omitted field decisions (per-category counts are partial).
-    pub partial: bool,
     pub flows: Vec<Flow>,
     /// What a reader should know about the input.
     pub notes: Vec<String>,
@@ -531,13 +620,7 @@ fn text_of(obj: &Map<String, Value>, key: &str) -> Option<String> {
     }
 }
 
-fn count_of(v: &Value) -> Option<usize> {
-    match v {
-        Value::Number(n) => n.as_u64().and_then(|n| usize::try_from(n).ok()),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
+use crate::record::count_of;
 
 /// Builds the report from decision entries (from any number of files, in any order).
 pub fn build(entries: &[Value], opts: &ReportOptions) -> Report {
@@ -549,7 +632,8 @@ pub fn build(entries: &[Value], opts: &ReportOptions) -> Report {
     let mut flows: HashMap<(String, String), FlowAcc> = HashMap::new();
     let mut span = Span::default();
     let mut untimed = 0usize;
-    let mut bad_fields = 0usize;
+    let mut bad_groups = 0usize;
+    let mut no_groups = 0usize;
 
     for entry in entries {
         let Some(obj) = entry.as_object() else {
@@ -616,31 +700,32 @@ pub fn build(entries: &[Value], opts: &ReportOptions) -> Report {
             }
         }
 
-        // Field decisions.
-        let mut from_fields: BTreeMap<String, usize> = BTreeMap::new();
-        let fields = obj.get("fields").and_then(Value::as_array);
-        for field in fields.into_iter().flatten() {
-            let Some(f) = field.as_object() else {
-                bad_fields += 1;
+        // Field decisions, in groups: each counts `n` times.
+        let mut from_groups: BTreeMap<String, usize> = BTreeMap::new();
+        let groups = obj.get("decisions").and_then(Value::as_array);
+        for group in groups.into_iter().flatten() {
+            let Some(f) = group.as_object() else {
+                bad_groups += 1;
                 continue;
             };
+            let n = crate::record::group_n(f);
             let action = text(f, "action").unwrap_or(UNKNOWN);
             let allowed = action == "allow";
             if allowed && !opts.include_allowed {
                 continue;
             }
-            bump(&mut from_fields, action, 1);
+            bump(&mut from_groups, action, n);
             let category = text_of(f, "category").unwrap_or_else(|| "(uncategorised)".to_owned());
             let cat = acc.categories.entry(category).or_default();
             cat.span.see(time.as_ref());
             let s = &mut cat.sum;
-            s.decisions += 1;
-            bump(&mut s.actions, action, 1);
+            s.decisions += n;
+            bump(&mut s.actions, action, n);
             if let Some(r) = text_of(f, "reason") {
-                bump(&mut s.reasons, &r, 1);
+                bump(&mut s.reasons, &r, n);
             }
             if let Some(e) = text_of(f, "evidence") {
-                bump(&mut s.evidence, &e, 1);
+                bump(&mut s.evidence, &e, n);
             }
             let purpose = text_of(f, "purpose");
             let basis = text_of(f, "basis");
@@ -648,22 +733,22 @@ pub fn build(entries: &[Value], opts: &ReportOptions) -> Report {
                 bump(
                     &mut s.allowed_bases,
                     basis.as_deref().unwrap_or("(none)"),
-                    1,
+                    n,
                 );
                 if let Some(p) = purpose {
-                    bump(&mut s.allowed_purposes, &p, 1);
+                    bump(&mut s.allowed_purposes, &p, n);
                 }
             } else {
                 if let Some(p) = purpose {
-                    bump(&mut s.purposes, &p, 1);
+                    bump(&mut s.purposes, &p, n);
                 }
                 if let Some(b) = basis {
-                    bump(&mut s.bases, &b, 1);
+                    bump(&mut s.bases, &b, n);
                 }
             }
-            if let Some(subject) = text_of(f, "subject") {
-                cat.subjects.insert(subject.clone());
-                acc.subjects.insert(subject);
+            for subject in crate::record::group_subjects(obj, f) {
+                cat.subjects.insert(subject.to_owned());
+                acc.subjects.insert(subject.to_owned());
             }
         }
 
@@ -686,33 +771,24 @@ pub fn build(entries: &[Value], opts: &ReportOptions) -> Report {
             }
         }
 
-        // Complete per-action counts, and what the entry left out.
-        let counts = obj.get("counts").and_then(Value::as_object);
-        let mut counted = 0usize;
-        match counts {
+        // Per-action counts.
+        match obj.get("counts").and_then(Value::as_object) {
             Some(counts) => {
                 for (action, n) in counts {
                     let n = count_of(n).unwrap_or(0);
-                    counted += n;
                     if action != "allow" || opts.include_allowed {
                         bump(&mut acc.flow.action_totals, action, n);
                     }
                 }
             }
             None => {
-                for (action, n) in &from_fields {
+                for (action, n) in &from_groups {
                     bump(&mut acc.flow.action_totals, action, *n);
                 }
             }
         }
-        let mut omitted = obj.get("fields_omitted").and_then(count_of).unwrap_or(0);
-        if fields.is_none() && omitted == 0 {
-            // An entry without a field list but with counts: all of them are left out.
-            omitted = counted;
-        }
-        if omitted > 0 {
-            acc.flow.fields_omitted += omitted;
-            acc.flow.entries_with_omitted_fields += 1;
+        if groups.is_none() {
+            no_groups += 1;
         }
     }
 
@@ -730,7 +806,6 @@ pub fn build(entries: &[Value], opts: &ReportOptions) -> Report {
             .then_with(|| a.caller.cmp(&b.caller))
             .then_with(|| a.recipient.cmp(&b.recipient))
     });
-    report.partial = out.iter().any(|f| f.fields_omitted > 0);
     report.flows = out;
     (report.first_seen, report.last_seen) = span.into_pair();
 
@@ -747,14 +822,10 @@ pub fn build(entries: &[Value], opts: &ReportOptions) -> Report {
             plural(report.totals.allowed, "allowed entry is", "allowed entries are")
         ));
     }
-    if report.partial {
-        let (omitted, with): (usize, usize) = report.flows.iter().fold((0, 0), |(o, w), f| {
-            (o + f.fields_omitted, w + f.entries_with_omitted_fields)
-        });
+    if no_groups > 0 {
         report.notes.push(format!(
-            "field-level counts are partial: {} left out of {} to bound their size; per-action totals (from each entry's `counts`) are complete",
-            plural(omitted, "field decision was", "field decisions were"),
-            plural(with, "entry", "entries")
+            "{} no `decisions` list: its field decisions are in the per-action totals only",
+            plural(no_groups, "entry has", "entries have")
         ));
     }
     if untimed > 0 {
@@ -769,10 +840,10 @@ pub fn build(entries: &[Value], opts: &ReportOptions) -> Report {
             plural(report.invalid_entries, "value was", "values were")
         ));
     }
-    if bad_fields > 0 {
+    if bad_groups > 0 {
         report.notes.push(format!(
             "{} not JSON objects and ignored",
-            plural(bad_fields, "field decision was", "field decisions were")
+            plural(bad_groups, "decision group was", "decision groups were")
         ));
     }
     report
@@ -1147,22 +1218,6 @@ fn render_flow(out: &mut String, p: &Paint, index: usize, flow: &Flow, include_a
             );
         }
     }
-
-    if flow.fields_omitted > 0 {
-        let _ = writeln!(
-            out,
-            "    {}",
-            p.paint(
-                &format!(
-                    "partial: {} left out of {}; complete per-action totals: {}",
-                    plural(flow.fields_omitted, "field decision", "field decisions"),
-                    plural(flow.entries_with_omitted_fields, "entry", "entries"),
-                    counts_text(&flow.action_totals)
-                ),
-                AnsiColor::Yellow.on_default()
-            )
-        );
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1180,22 +1235,64 @@ mod tests {
 
     fn entry(rid: &str, time: &str, caller: &str, recipient: &str, outcome: &str) -> Value {
         json!({
-            "time": time, "request_id": rid, "policy": "acme", "caller": caller,
+            "v": 2, "time": time, "request_id": rid, "policy": "acme", "caller": caller,
             "recipient": recipient, "direction": "request", "mode": "enforce",
-            "outcome": outcome, "enforced": true, "fields": [], "counts": {}
+            "outcome": outcome, "enforced": true, "decisions": [], "counts": {}
         })
     }
 
-    fn field(category: &str, action: &str, reason: Option<&str>, subject: &str) -> Value {
-        let mut f = json!({
-            "path": "$.customer.x", "category": category, "action": action,
+    /// A decision group about `subjects` (pseudonyms), one decision each.
+    fn group(category: &str, action: &str, reason: Option<&str>, subjects: &[&str]) -> Value {
+        let mut g = json!({
+            "category": category, "action": action,
             "purpose": "marketing.email", "basis": "consent", "evidence": "none",
-            "subject": subject
+            "paths": ["$.customers[*].x"], "n": subjects.len().max(1),
+            "subjects": subjects,
         });
         if let Some(r) = reason {
-            f["reason"] = json!(r);
+            g["reason"] = json!(r);
         }
-        f
+        g
+    }
+
+    /// Sets an entry's groups, listing their subjects once in `subjects` and writing
+    /// each group's as index ranges, as the filter does.
+    fn set_groups(e: &mut Value, groups: Vec<Value>) {
+        let mut subjects: Vec<String> = Vec::new();
+        let mut out = Vec::new();
+        for mut g in groups {
+            let names: Vec<String> = g["subjects"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut idx: Vec<usize> = names
+                .iter()
+                .map(|n| match subjects.iter().position(|s| s == n) {
+                    Some(i) => i,
+                    None => {
+                        subjects.push(n.clone());
+                        subjects.len() - 1
+                    }
+                })
+                .collect();
+            idx.sort_unstable();
+            let obj = g.as_object_mut().unwrap();
+            if idx.is_empty() {
+                obj.remove("subjects");
+            } else {
+                obj.insert(
+                    "subjects".into(),
+                    json!(consentry::engine::subject_ranges(&idx)),
+                );
+            }
+            out.push(g);
+        }
+        e["subjects"] = json!(subjects);
+        e["decisions"] = json!(out);
     }
 
     fn envoy_line(e: &Value) -> String {
@@ -1338,12 +1435,14 @@ mod tests {
             "mailer",
             "modified",
         );
-        a1["fields"] = json!([
-            field("email", "strip", Some("no_consent"), "s1:aaa"),
-            field("email", "strip", Some("no_consent"), "s1:bbb"),
-            field("email", "allow", None, "s1:ccc"),
-            field("phone", "mask", Some("no_purpose"), "s1:aaa"),
-        ]);
+        set_groups(
+            &mut a1,
+            vec![
+                group("email", "strip", Some("no_consent"), &["s2:aaa", "s2:bbb"]),
+                group("email", "allow", None, &["s2:ccc"]),
+                group("phone", "mask", Some("no_purpose"), &["s2:aaa"]),
+            ],
+        );
         a1["counts"] = json!({"strip": 2, "mask": 1, "allow": 1});
         let mut a2 = entry(
             "r2",
@@ -1352,7 +1451,10 @@ mod tests {
             "mailer",
             "blocked",
         );
-        a2["fields"] = json!([field("health", "block", Some("undeclared"), "s1:aaa")]);
+        set_groups(
+            &mut a2,
+            vec![group("health", "block", Some("undeclared"), &["s2:aaa"])],
+        );
         a2["blocked_categories"] = json!(["health"]);
         a2["status"] = json!(403);
         a2["counts"] = json!({"block": 1});
@@ -1363,7 +1465,10 @@ mod tests {
             "analytics",
             "modified",
         );
-        b1["fields"] = json!([field("email", "hash", Some("no_purpose"), "s1:aaa")]);
+        set_groups(
+            &mut b1,
+            vec![group("email", "hash", Some("no_purpose"), &["s2:aaa"])],
+        );
         let c1 = entry(
             "r4",
             "2026-11-22T10:02:00.000Z",
@@ -1442,14 +1547,14 @@ mod tests {
         assert!(text.contains("body is not valid JSON"), "{text}");
         assert!(text.contains("strip 2"), "{text}");
         assert!(
-            !text.contains("s1:"),
+            !text.contains("s2:"),
             "pseudonyms must not be printed:\n{text}"
         );
         assert!(!text.contains('\u{1b}'), "{text}");
         let colored = render_text(&r, true);
         assert!(colored.contains('\u{1b}'));
         let json = serde_json::to_string(&r).unwrap();
-        assert!(!json.contains("s1:"), "{json}");
+        assert!(!json.contains("s2:"), "{json}");
     }
 
     #[test]
@@ -1507,7 +1612,10 @@ mod tests {
     #[test]
     fn duplicates_from_both_logs_count_once() {
         let mut e = entry("r1", "2026-11-22T10:00:00.000Z", "a", "b", "blocked");
-        e["fields"] = json!([field("email", "block", Some("no_purpose"), "s1:x")]);
+        set_groups(
+            &mut e,
+            vec![group("email", "block", Some("no_purpose"), &["s2:x"])],
+        );
         e["blocked_categories"] = json!(["email"]);
         let mut resp = e.clone();
         resp["direction"] = json!("response");
@@ -1535,27 +1643,97 @@ mod tests {
     }
 
     #[test]
-    fn omitted_fields_make_counts_partial() {
+    fn a_group_counts_for_every_decision_it_stands_for() {
         let mut e = entry("r1", "2026-11-22T10:00:00.000Z", "a", "b", "modified");
-        e["fields"] = json!([field("email", "strip", Some("no_purpose"), "s1:x")]);
-        e["fields_omitted"] = json!(299);
-        e["counts"] = json!({"strip": 250, "allow": 50});
-        let r = build(&[e], &ReportOptions::default());
-        assert!(r.partial);
-        let f = &r.flows[0];
-        assert_eq!((f.fields_omitted, f.entries_with_omitted_fields), (299, 1));
-        assert_eq!(f.action_totals.get("strip"), Some(&250));
-        assert_eq!(f.categories[0].decisions, 1);
-        assert!(r
-            .notes
-            .iter()
-            .any(|n| n.contains("field-level counts are partial")));
-        let text = render_text(&r, false);
-        assert!(
-            text.contains("partial: 299 field decisions left out of 1 entry"),
-            "{text}"
+        let many: Vec<String> = (0..40).map(|i| format!("s2:{i:016}")).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        set_groups(
+            &mut e,
+            vec![
+                group("email", "strip", Some("no_purpose"), &refs),
+                group("age", "allow", None, &refs[..10]),
+            ],
         );
-        assert!(text.contains("strip 250"), "{text}");
+        e["counts"] = json!({"strip": 40, "allow": 10});
+        let r = build(&[e.clone()], &ReportOptions::default());
+        let f = &r.flows[0];
+        assert_eq!(f.categories.len(), 1, "allowed groups are not listed");
+        let email = &f.categories[0];
+        assert_eq!((email.decisions, email.subjects), (40, 40));
+        assert_eq!(email.actions.get("strip"), Some(&40));
+        assert_eq!(email.reasons.get("no_purpose"), Some(&40));
+        assert_eq!(f.subjects, 40);
+        assert_eq!(f.action_totals.get("strip"), Some(&40));
+        assert!(render_text(&r, false).contains("strip 40"));
+        let all = build(
+            &[e],
+            &ReportOptions {
+                include_allowed: true,
+            },
+        );
+        let age = all.flows[0]
+            .categories
+            .iter()
+            .find(|c| c.category == "age")
+            .unwrap();
+        assert_eq!((age.decisions, age.subjects), (10, 10));
+        assert_eq!(age.allowed_bases.get("consent"), Some(&10));
+    }
+
+    #[test]
+    fn a_v1_line_is_refused_with_its_file_and_line() {
+        let good = entry("r1", "2026-11-22T10:00:00.000Z", "a", "b", "blocked");
+        let mut v1 = good.clone();
+        let o = v1.as_object_mut().unwrap();
+        o.remove("v");
+        o.remove("decisions");
+        o.insert("fields".into(), json!([]));
+        let input = format!("{}\n{}\n", envoy_line(&good), envoy_line(&v1));
+        let err = read_named(input.as_bytes(), "envoy.log")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "envoy.log:2: unsupported decision-record version (v1 line 2 of envoy.log; this consentry reads v2)"
+            ),
+            "{err}"
+        );
+        // In an access log, a JSON line, or a JSON document (no line: the entry).
+        for input in [access_line(&[v1.clone()]), v1.to_string()] {
+            let err = read_named(input.as_bytes(), "x.log")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("(v1 line 1 of x.log;"), "{err}");
+        }
+        let doc = serde_json::to_string_pretty(&json!({"exchanges": [good, v1]})).unwrap();
+        let err = read_named(doc.as_bytes(), "replay.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("(v1 entry 2 of replay.json;"), "{err}");
+        // A later version too.
+        let mut v3 = entry("r3", "2026-11-22T10:00:00.000Z", "a", "b", "blocked");
+        v3["v"] = json!(3);
+        let err = read_named(v3.to_string().as_bytes(), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("(v3 line 1 of x; this consentry reads v2)"),
+            "{err}"
+        );
+        // Through read_entries, with the file's name.
+        let dir = std::env::temp_dir().join(format!("consentry-v1-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("old.log");
+        std::fs::write(&file, format!("{}\n", envoy_line(&v1))).unwrap();
+        let err = format!("{:#}", read_entries(&file).unwrap_err());
+        assert!(
+            err.contains(&format!(
+                "{}:1: unsupported decision-record version (v1 line 1 of",
+                file.display()
+            )),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -1568,7 +1746,7 @@ mod tests {
             "allowed",
         );
         e["inspected"] = json!(false);
-        e["fields"] = json!([]);
+        e["decisions"] = json!([]);
         e["counts"] = json!({});
         e["allowed_categories"] = json!([
             {"category": "user.name", "purpose": "essential.account", "basis": "contract"},
@@ -1610,12 +1788,15 @@ mod tests {
             "billing",
             "allowed",
         );
-        let mut contract = field("address", "allow", None, "s1:x");
+        let mut contract = group("address", "allow", None, &["s2:x"]);
         contract["basis"] = json!("contract");
         contract["purpose"] = json!("billing.invoice");
-        let mut no_basis = field("address", "allow", None, "s1:y");
+        let mut no_basis = group("address", "allow", None, &["s2:y"]);
         no_basis.as_object_mut().unwrap().remove("basis");
-        e["fields"] = json!([contract, no_basis, field("email", "allow", None, "s1:x")]);
+        set_groups(
+            &mut e,
+            vec![contract, no_basis, group("email", "allow", None, &["s2:x"])],
+        );
         e["counts"] = json!({"allow": 3});
         let r = build(
             &[e.clone()],
@@ -1650,9 +1831,9 @@ mod tests {
     #[test]
     fn tolerates_missing_and_mistyped_keys() {
         let weird = vec![
-            json!({"outcome": "blocked", "caller": 5, "fields": "nope", "counts": [1], "time": 7}),
-            json!({"outcome": "quarantined", "recipient": "x", "fields": [1, {"action": "strip"}], "fields_omitted": "3"}),
-            json!({"outcome": "modified", "policy": "p", "counts": {"strip": "2", "hash": -1}}),
+            json!({"v": 2, "outcome": "blocked", "caller": 5, "decisions": "nope", "counts": [1], "time": 7}),
+            json!({"v": 2, "outcome": "quarantined", "recipient": "x", "decisions": [1, {"action": "strip", "n": "3", "subjects": "0-9"}], "subjects": "x"}),
+            json!({"v": 2, "outcome": "modified", "policy": "p", "counts": {"strip": "2", "hash": -1}}),
             json!("not an object"),
             json!(null),
         ];
@@ -1665,13 +1846,21 @@ mod tests {
         assert_eq!(unknown.recipient, UNKNOWN);
         let q = r.flows.iter().find(|f| f.recipient == "x").unwrap();
         assert_eq!(q.categories[0].category, "(uncategorised)");
-        assert_eq!(q.fields_omitted, 3);
+        assert_eq!(q.categories[0].decisions, 3);
+        assert_eq!(
+            q.categories[0].subjects, 0,
+            "no subjects list: none resolved"
+        );
         let p = r.flows.iter().find(|f| f.policies == ["p"]).unwrap();
         assert_eq!(p.action_totals.get("strip"), Some(&2));
-        assert_eq!(
-            p.fields_omitted, 2,
-            "no field list: everything counted was left out"
-        );
+        assert!(r
+            .notes
+            .iter()
+            .any(|n| n.contains("1 decision group was not")));
+        assert!(r
+            .notes
+            .iter()
+            .any(|n| n.contains("2 entries have no `decisions` list")));
         let text = render_text(&r, false);
         assert!(text.contains("quarantined 1"), "{text}");
         assert!(serde_json::to_string(&r).is_ok());

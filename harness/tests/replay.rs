@@ -110,6 +110,37 @@ fn per_record_consent_reaches_the_upstream_and_the_log() {
     let d = x.request.decision.as_ref().expect("a decision");
     assert_eq!(d["outcome"], "modified");
     assert_eq!(d["recipient"], "marketing-email");
+    // A decision record v2: two subjects; c-1's e-mail allowed by its record, c-2's
+    // stripped for want of consent (the store knows nothing of it).
+    assert_eq!(d["v"], 2);
+    assert_eq!(d["records"], 2);
+    let subjects = d["subjects"].as_array().unwrap();
+    assert_eq!(subjects.len(), 2);
+    assert!(subjects
+        .iter()
+        .all(|s| s.as_str().unwrap().starts_with("s2:")));
+    let email = |action: &str| {
+        d["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["category"] == "user.contact.email" && g["action"] == action)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {action} e-mail group in {d}"))
+    };
+    let allowed = email("allow");
+    assert_eq!(allowed["paths"], json!(["$.customers[*].email"]));
+    assert_eq!(
+        (allowed["n"].clone(), allowed["subjects"].clone()),
+        (json!(1), json!("0"))
+    );
+    assert_eq!(allowed["evidence"], "record:$.consents.marketing_email");
+    let stripped = email("strip");
+    assert_eq!(
+        (stripped["n"].clone(), stripped["subjects"].clone()),
+        (json!(1), json!("1"))
+    );
+    assert_eq!(stripped["reason"], "no_consent");
     // Filter state for the access log, and counters, as Envoy would show them.
     let fs = x
         .raw

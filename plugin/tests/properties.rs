@@ -25,7 +25,7 @@
 
 use consentry::engine::push_path_key as push_key;
 use consentry::engine::{
-    ConsentAnswer, Direction, Exchange, FieldDecision, HeaderVerdict, Policy, Report, StoreAnswers,
+    ConsentAnswer, DecisionLog, Direction, Exchange, HeaderVerdict, Policy, Report, StoreAnswers,
     Uninspectable, UninspectableKind,
 };
 use proptest::prelude::*;
@@ -458,7 +458,14 @@ impl PolicyGen {
         self.opts.redact_marker.unwrap_or("[redacted]")
     }
 
+    /// The policy, its records naming each node by its concrete path (so the oracle can
+    /// find what every decision is about).
     fn compile(&self, mode: &str) -> Policy {
+        self.compile_templated(mode).with_exact_paths()
+    }
+
+    /// The policy as the filter runs it: records with path templates.
+    fn compile_templated(&self, mode: &str) -> Policy {
         let text = self.to_json(mode).to_string();
         Policy::compile(text.as_bytes(), &env)
             .unwrap_or_else(|e| panic!("generated policy does not compile: {e}\n{text}"))
@@ -792,6 +799,7 @@ struct BodyRun {
     store_subjects: Vec<String>,
     /// The new body (None: unchanged) and the report, or why it was uninspectable.
     result: Result<(Option<Vec<u8>>, Report), Uninspectable>,
+    log: DecisionLog,
     log_json: String,
     log_enforced: bool,
     log_status: Option<u32>,
@@ -803,7 +811,6 @@ type RunKey = (
     Result<
         (
             Option<Vec<u8>>,
-            Vec<FieldDecision>,
             BTreeMap<&'static str, usize>,
             BTreeSet<String>,
             usize,
@@ -820,7 +827,7 @@ impl BodyRun {
             self.store_subjects.clone(),
             self.result
                 .clone()
-                .map(|(b, r)| (b, r.fields, r.counts, r.blocked, r.omitted)),
+                .map(|(b, r)| (b, r.counts(), r.blocked.clone(), r.decisions())),
             self.log_json.clone(),
         )
     }
@@ -853,6 +860,7 @@ fn run_body(
     BodyRun {
         store_subjects,
         log_json: log.to_json(),
+        log: log.clone(),
         log_enforced: log.enforced,
         log_status: log.status,
         log_mode: log.mode.to_string(),
@@ -944,19 +952,96 @@ fn severity(a: &str) -> u8 {
     }
 }
 
+/// (path, action) of each field decision a record lists: one per path of each group
+/// (with exact paths, one per decided node and category).
+fn decided(log: &DecisionLog) -> Vec<(&str, &'static str)> {
+    log.decisions
+        .iter()
+        .flat_map(|g| g.paths.iter().map(move |p| (p.as_str(), g.action)))
+        .collect()
+}
+
+/// The record of a report (headers' or body's) under `p`.
+fn record_of(p: &Policy, ex: &Exchange, d: Direction, r: &Report) -> DecisionLog {
+    p.decision_log(ex, d, r, None, 0)
+}
+
 /// Per path, the action applied: the most severe of its non-allow decisions.
-fn applied_actions(r: &Report) -> HashMap<String, &'static str> {
+fn applied_actions(log: &DecisionLog) -> HashMap<String, &'static str> {
     let mut m: HashMap<String, &'static str> = HashMap::new();
-    for f in &r.fields {
-        if f.action == "allow" || f.path.starts_with("header:") || f.path.starts_with("query:") {
+    for (path, action) in decided(log) {
+        if action == "allow" || path.starts_with("header:") || path.starts_with("query:") {
             continue;
         }
-        let e = m.entry(f.path.clone()).or_insert(f.action);
-        if severity(f.action) > severity(e) {
-            *e = f.action;
+        let e = m.entry(path.to_string()).or_insert(action);
+        if severity(action) > severity(e) {
+            *e = action;
         }
     }
     m
+}
+
+/// Writes every index of a concrete path as `[*]`, as the records the filter writes do.
+fn template(path: &str) -> String {
+    let mut out = String::new();
+    let mut rest = path;
+    while let Some(i) = rest.find('[') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 && after[digits..].starts_with(']') {
+            out.push_str("[*]");
+            rest = &after[digits + 1..];
+        } else if after.starts_with('\'') {
+            // A quoted key: copy it whole (its text may hold `[` and escaped quotes).
+            let mut end = 1;
+            let b = after.as_bytes();
+            while end < b.len() && b[end] != b'\'' {
+                end += if b[end] == b'\\' { 2 } else { 1 };
+            }
+            let end = (end + 2).min(after.len());
+            out.push('[');
+            out.push_str(&after[..end]);
+            rest = &after[end..];
+        } else {
+            out.push('[');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// (f) the record the filter writes is the exact record with every index written `[*]`:
+/// the same groups in the same order, each with the same count and subjects, and its
+/// templates those of its exact paths, each once, in first-seen order.
+fn check_templated(exact: &DecisionLog, templated: &DecisionLog) -> Result<(), TestCaseError> {
+    if exact.decisions.iter().any(|g| g.folded > 0) {
+        return Ok(());
+    }
+    prop_assert_eq!(exact.decisions.len(), templated.decisions.len());
+    prop_assert_eq!(&exact.subjects, &templated.subjects);
+    prop_assert_eq!(&exact.counts, &templated.counts);
+    prop_assert_eq!(exact.records, templated.records);
+    for (e, t) in exact.decisions.iter().zip(&templated.decisions) {
+        let mut want: Vec<String> = Vec::new();
+        for p in &e.paths {
+            let tp = template(p);
+            if !want.contains(&tp) {
+                want.push(tp);
+            }
+        }
+        prop_assert_eq!(&t.paths, &want);
+        prop_assert!(t
+            .paths
+            .iter()
+            .all(|p| !p.contains(|c: char| c.is_ascii_digit()) || p == &template(p)));
+        let (mut e2, mut t2) = (e.clone(), t.clone());
+        e2.paths.clear();
+        t2.paths.clear();
+        prop_assert_eq!(e2, t2);
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -1218,12 +1303,12 @@ fn check_enforce(c: &Case) -> Result<(), TestCaseError> {
                 let out_bytes = new_body.clone().unwrap_or_else(|| input.clone());
                 let out: Value = serde_json::from_slice(&out_bytes)
                     .map_err(|e| TestCaseError::fail(format!("output is not JSON: {e}")))?;
-                if report.omitted == 0 {
-                    check_exact(c, &b, report, &out, &out_bytes)?;
+                if run.log.decisions.iter().all(|g| g.folded == 0) {
+                    check_exact(c, &b, &run.log, &out, &out_bytes)?;
                 }
                 // A route no binding covers is not inspected at all.
                 if !b.recipient_known && c.g.covered {
-                    check_unknown_recipient(c, report, &out_bytes)?;
+                    check_unknown_recipient(c, &run.log, &out_bytes)?;
                 }
                 if new_body.is_none() {
                     // Unless the action leaves the value as it was: a `null` (which
@@ -1231,23 +1316,42 @@ fn check_enforce(c: &Case) -> Result<(), TestCaseError> {
                     // holds no value.
                     let mut nodes = HashMap::new();
                     index_nodes(&c.body, &mut "$".to_string(), &mut nodes);
-                    let unchanged_by = |f: &FieldDecision| match nodes.get(f.path.as_str()) {
-                        Some(Value::Null) => f.action != "strip",
+                    let unchanged_by = |path: &str, action: &str| match nodes.get(path) {
+                        Some(Value::Null) => action != "strip",
                         Some(v @ (Value::Object(_) | Value::Array(_))) => {
-                            f.action == "mask" && !holds_value(v)
+                            action == "mask" && !holds_value(v)
                         }
                         _ => false,
                     };
                     prop_assert!(
-                        report.fields.iter().all(|f| f.action == "allow"
-                            || f.path.starts_with("header:")
-                            || f.path.starts_with("query:")
-                            || unchanged_by(f)),
+                        decided(&run.log)
+                            .iter()
+                            .all(|(path, action)| *action == "allow"
+                                || path.starts_with("header:")
+                                || path.starts_with("query:")
+                                || unchanged_by(path, action)),
                         "a field was denied but the body was not rewritten"
                     );
                 }
             }
         }
+    }
+
+    // The record the filter writes: the same, with path templates.
+    let templated = c.pg.compile_templated("enforce");
+    let tb = build_exchange(&templated, &c.pg, &c.g, first_free_marker(&c.body));
+    let trun = run_body(
+        &templated,
+        &tb.ex,
+        d,
+        Some("application/json"),
+        None,
+        &input,
+        &c.g.store,
+    );
+    check_templated(&run.log, &trun.log)?;
+    for m in &all {
+        prop_assert!(!trun.log_json.contains(m.as_str()), "log holds {m}");
     }
 
     // Headers and query.
@@ -1256,11 +1360,12 @@ fn check_enforce(c: &Case) -> Result<(), TestCaseError> {
         prop_assert!(!hlog.contains(m.as_str()), "header log holds {m}: {hlog}");
     }
     if !hv.report.is_blocked() {
-        for f in &hv.report.fields {
-            if f.action == "allow" {
+        let hrec = record_of(&p, &b.ex, d, &hv.report);
+        for (path, action) in decided(&hrec) {
+            if action == "allow" {
                 continue;
             }
-            if let Some(name) = f.path.strip_prefix("header:") {
+            if let Some(name) = path.strip_prefix("header:") {
                 let vals = hv
                     .set_headers
                     .iter()
@@ -1274,7 +1379,7 @@ fn check_enforce(c: &Case) -> Result<(), TestCaseError> {
                     .filter(|(k, _)| k == name)
                     .map(|(_, v)| v)
                     .collect();
-                match f.action {
+                match action {
                     "strip" => prop_assert!(vals.is_empty()),
                     "redact" => prop_assert!(vals.iter().all(|v| v == c.pg.redact_marker())),
                     "hash" => prop_assert!(vals.iter().all(|v| is_h1(v))),
@@ -1286,7 +1391,7 @@ fn check_enforce(c: &Case) -> Result<(), TestCaseError> {
                     other => prop_assert!(false, "header action {other}"),
                 }
             }
-            if f.path.starts_with("query:") {
+            if path.starts_with("query:") {
                 let new_path = hv.new_path.clone();
                 prop_assert!(new_path.is_some(), "denied query parameter not rewritten");
                 for m in &b.header_markers {
@@ -1304,11 +1409,11 @@ fn check_enforce(c: &Case) -> Result<(), TestCaseError> {
 fn check_exact(
     c: &Case,
     b: &Built,
-    report: &Report,
+    log: &DecisionLog,
     out: &Value,
     out_bytes: &[u8],
 ) -> Result<(), TestCaseError> {
-    let acts = applied_actions(report);
+    let acts = applied_actions(log);
     let mut nodes = HashMap::new();
     index_nodes(&c.body, &mut "$".to_string(), &mut nodes);
     // (a) every decided path is a node of the input, and no marker below a denied node
@@ -1356,11 +1461,11 @@ fn check_exact(
 
 fn check_unknown_recipient(
     c: &Case,
-    report: &Report,
+    log: &DecisionLog,
     out_bytes: &[u8],
 ) -> Result<(), TestCaseError> {
-    for f in &report.fields {
-        prop_assert!(f.action != "allow", "unknown recipient allowed {}", f.path);
+    for (path, action) in decided(log) {
+        prop_assert!(action != "allow", "unknown recipient allowed {}", path);
     }
     for (path, rec) in records_of(&c.body, c.pg.opts.records_root) {
         let mut declared = Vec::new();
@@ -1412,8 +1517,9 @@ fn check_audit(c: &Case) -> Result<(), TestCaseError> {
     prop_assert_eq!(ra.log_status, None);
     match (&re.result, &ra.result) {
         (Ok((_, r1)), Ok((_, r2))) => {
-            prop_assert_eq!(&r1.fields, &r2.fields);
-            prop_assert_eq!(&r1.counts, &r2.counts);
+            prop_assert_eq!(&re.log.decisions, &ra.log.decisions);
+            prop_assert_eq!(&re.log.subjects, &ra.log.subjects);
+            prop_assert_eq!(&r1.counts(), &r2.counts());
             prop_assert_eq!(&r1.blocked, &r2.blocked);
         }
         (Err(u1), Err(u2)) => prop_assert_eq!(u1.kind, u2.kind),
@@ -1431,7 +1537,10 @@ fn check_audit(c: &Case) -> Result<(), TestCaseError> {
     prop_assert_eq!(strip(&re.log_json), strip(&ra.log_json));
     let (he, _) = run_headers(&enforce, &be.ex, d, &be.headers, &c.g.store);
     let (ha, hl) = run_headers(&audit, &ba.ex, d, &ba.headers, &c.g.store);
-    prop_assert_eq!(&he.report.fields, &ha.report.fields);
+    prop_assert_eq!(
+        record_of(&enforce, &be.ex, d, &he.report).decisions,
+        record_of(&audit, &ba.ex, d, &ha.report).decisions
+    );
     prop_assert!(hl.contains("\"enforced\":false"));
     Ok(())
 }
@@ -1603,11 +1712,14 @@ fn agree(
             let store = store_answers(&sp.store_subjects, seeds);
             let sv = p.judge_body(ex, d, sp, &store);
             let tv = p.judge_body_tree(ex, d, tp, &store);
-            prop_assert_eq!(&sv.report.fields, &tv.report.fields, "on {}", shown);
-            prop_assert_eq!(&sv.report.counts, &tv.report.counts);
-            prop_assert_eq!(&sv.report.by_category, &tv.report.by_category);
+            // The same decision record: groups, paths, counts, subjects, records.
+            let (sl, tl) = (
+                record_of(p, ex, d, &sv.report).to_json(),
+                record_of(p, ex, d, &tv.report).to_json(),
+            );
+            prop_assert_eq!(sl, tl, "on {}", shown);
+            prop_assert_eq!(sv.report.by_category(), tv.report.by_category());
             prop_assert_eq!(&sv.report.blocked, &tv.report.blocked);
-            prop_assert_eq!(sv.report.omitted, tv.report.omitted);
             if sv.report.is_blocked() {
                 // Not forwarded: the streaming path stops writing at the first block.
                 return Ok(());
@@ -1726,8 +1838,11 @@ fn check_oracle(
     if let Some(r) = records {
         pj["messages"][0]["records"] = json!(r);
     }
+    // With exact paths, so that every decision names its node; the template record is
+    // the same walk with `[*]` (property "the record is the exact one templated").
     let p = Policy::compile(pj.to_string().as_bytes(), &env)
-        .map_err(|e| TestCaseError::fail(format!("{e}")))?;
+        .map_err(|e| TestCaseError::fail(format!("{e}")))?
+        .with_exact_paths();
     let b = build_exchange(&p, &c.pg, &c.g, first_free_marker(&c.body));
     let input = respell(&c.body, seed);
     let reread: Option<Value> = serde_json::from_slice(&input).ok();
@@ -2034,4 +2149,14 @@ fn a_mask_keeping_the_end_does_not_reveal_a_whole_value_of_a_structured_field() 
         json!({ "customers": [{ "phone": ["+4915112345678", "1234"] }] }),
     );
     assert!(!out.contains("1234"), "denied value forwarded: {out}");
+}
+
+#[test]
+fn templates_write_every_index_as_a_wildcard() {
+    assert_eq!(
+        template("$.customers[3].a['x[1]'][2]"),
+        "$.customers[*].a['x[1]'][*]"
+    );
+    assert_eq!(template("$['it\\'s'][10].b"), "$['it\\'s'][*].b");
+    assert_eq!(template("header:x-email"), "header:x-email");
 }

@@ -78,6 +78,30 @@ def _clean_services(request):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _decision_records_match_the_schema():
+    """After each test, every decision record any stack wrote (Envoy's log and the access
+    log) matches policies/consentry-decision-record.v2.schema.json (ce.decision_problems)."""
+    yield
+    problems = []
+    for s in _STACKS:
+        if s.run_dir is None:
+            continue
+        s.validate_decisions()
+        problems.extend(s.decision_problems)
+        s.decision_problems.clear()
+    if problems:
+        pytest.fail("decision records that do not match the v2 schema:\n" +
+                    "\n".join(problems[:20]), pytrace=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Says how many decision records the suite checked against the schema."""
+    n = sum(s.decisions_validated for s in _STACKS)
+    if n:
+        print(f"\n{n} decision records validated against the v2 schema")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """On failure, attach the tail of Envoy's log (running stacks; else the last one)."""

@@ -57,6 +57,8 @@ DEFAULT_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "consentry.wasm"
 RUN_ROOT = ROOT / ".run"
 
 DECISION_PREFIX = "consentry.decision "
+# The JSON Schema every decision record the filter writes must match (format v2).
+DECISION_SCHEMA = ROOT / "policies" / "consentry-decision-record.v2.schema.json"
 CALLER_HEADER = "x-consentry-caller"
 # The VM environment variables that hold the keys (the example policy's `keys`, and the
 # names the bootstrap template's host_env_keys copies from Envoy's environment).
@@ -694,6 +696,88 @@ def parse_decision_lines(text: str) -> list[dict]:
     return out
 
 
+_DECISION_VALIDATOR = None
+
+
+def decision_validator():
+    """A Draft 2020-12 validator of DECISION_SCHEMA (jsonschema, from
+    tests/e2e/requirements.txt)."""
+    global _DECISION_VALIDATOR
+    if _DECISION_VALIDATOR is None:
+        try:
+            from jsonschema import Draft202012Validator
+        except ImportError as e:
+            raise EnvError(f"the e2e tests validate decision records with jsonschema ({e}); "
+                           "install tests/e2e/requirements.txt into .venv") from None
+        schema = json.loads(DECISION_SCHEMA.read_text())
+        Draft202012Validator.check_schema(schema)
+        _DECISION_VALIDATOR = Draft202012Validator(schema)
+    return _DECISION_VALIDATOR
+
+
+def decision_problems(d) -> list[str]:
+    """Why a decision record does not match DECISION_SCHEMA, and the rules the schema
+    cannot say: `counts` are the groups' sums, subject indexes resolve, every subject
+    is some group's. Empty when it is a valid v2 record."""
+    out = [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+           for e in decision_validator().iter_errors(d)]
+    if out or not isinstance(d, dict):
+        return out
+    sums: dict = {}
+    used = set()
+    subjects = d.get("subjects", [])
+    for i, g in enumerate(d["decisions"]):
+        sums[g["action"]] = sums.get(g["action"], 0) + g["n"]
+        idx = []
+        for part in g.get("subjects", "").split(",") if "subjects" in g else []:
+            a, _, b = part.partition("-")
+            idx.extend(range(int(a), int(b or a) + 1))
+        if any(j >= len(subjects) for j in idx):
+            out.append(f"decisions/{i}/subjects: {g['subjects']} beyond the {len(subjects)} subjects")
+        if idx != sorted(set(idx)):
+            out.append(f"decisions/{i}/subjects: {g['subjects']} not ascending")
+        if len(idx) > g["n"]:
+            out.append(f"decisions/{i}: {len(idx)} subjects for n={g['n']}")
+        used.update(idx)
+    if sums != d["counts"]:
+        out.append(f"counts {d['counts']} are not the groups' sums {sums}")
+    unused = set(range(len(subjects))) - used
+    if unused:
+        out.append(f"subjects {sorted(unused)} belong to no group")
+    return out
+
+
+def _decision_records_in_log(text: str, path: Path):
+    for line in text.splitlines():
+        i = line.find(DECISION_PREFIX)
+        if i < 0:
+            continue
+        payload = line[i + len(DECISION_PREFIX):].strip()
+        try:
+            yield f"{path.name}: {payload[:160]}", json.loads(payload)
+        except ValueError as e:
+            yield f"{path.name}: {payload[:160]}", f"not JSON ({e})"
+
+
+def _decision_records_in_access_log(text: str, path: Path):
+    for line in text.splitlines():
+        line = line.strip()
+        try:
+            entry = json.loads(line) if line else None
+        except ValueError:
+            continue   # not a JSON access log line: nothing of ours
+        raw = entry.get("consentry_decision") if isinstance(entry, dict) else None
+        if not raw or raw == "-":
+            continue
+        try:
+            records = json.loads(raw)
+        except ValueError as e:
+            yield f"{path.name}: {raw[:160]}", f"not JSON ({e})"
+            continue
+        for d in records if isinstance(records, list) else [records]:
+            yield f"{path.name} (request {entry.get('request_id')})", d
+
+
 def parse_access_log(text: str) -> list[dict]:
     out = []
     for line in text.splitlines():
@@ -753,6 +837,12 @@ class Stack:
     exempt_uncovered: bool = False
     # Applied to the rendered bootstrap text before Envoy reads it (test variants).
     bootstrap_edit: Callable[[str], str] | None = None
+    # Decision records checked against DECISION_SCHEMA so far (validate_decisions), where
+    # in the logs the check got to, and what it found wrong (kept until taken).
+    decisions_validated: int = 0
+    decision_problems: list = field(default_factory=list)
+    _log_checked: int = 0
+    _access_checked: int = 0
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> "Stack":
@@ -803,6 +893,33 @@ class Stack:
             self.envoy.stop()
         if self.services:
             self.services.stop()
+        if self.run_dir is not None:
+            self.validate_decisions()
+
+    def validate_decisions(self) -> list[str]:
+        """Checks every decision record written since the last call, in Envoy's log and
+        in the access log's `consentry_decision`, against DECISION_SCHEMA; keeps what
+        is wrong in decision_problems and returns it (the suite fails on it after each
+        test, tests/e2e/conftest.py)."""
+        found = []
+        for path, attr, records in (
+                (self.log_path, "_log_checked", _decision_records_in_log),
+                (self.access_log_path, "_access_checked", _decision_records_in_access_log)):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(getattr(self, attr))
+                    chunk = f.read()
+            except FileNotFoundError:
+                continue
+            # Only whole lines: Envoy may be writing the last one.
+            end = chunk.rfind(b"\n") + 1
+            setattr(self, attr, getattr(self, attr) + end)
+            for where, d in records(chunk[:end].decode(errors="replace"), path):
+                self.decisions_validated += 1
+                for p in decision_problems(d):
+                    found.append(f"{where}: {p}")
+        self.decision_problems.extend(found)
+        return found
 
     def __enter__(self):
         return self.start()

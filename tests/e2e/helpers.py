@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
+import re
 import secrets
 from pathlib import Path
+
+import consentry_env as ce
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -144,47 +150,93 @@ def assert_no_customer_values(text: str, batch: dict, where: str):
         assert v not in text, f"customer value {v!r} leaked into {where}"
 
 
-def decision(stack, rid: str, direction: str, timeout: float = 5.0) -> dict:
-    """The one decision log entry of request `rid` in `direction`."""
+class Record(dict):
+    """A decision record (format v2) as the filter logged it, knowing the subject key of
+    the stack that wrote it, so that tests can name subjects by their raw ids."""
+    subject_key: str | None = None
+
+
+def pseudonym(key: str, subject: str) -> str:
+    """The engine's subject pseudonym (plugin/src/engine/actions.rs, subject_pseudonym):
+    `s2:` and the first 96 bits of HMAC-SHA256(key, subject) in base64url."""
+    mac = hmac.new(key.encode(), subject.encode(), hashlib.sha256).digest()[:12]
+    return "s2:" + base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+
+def template(path: str) -> str:
+    """A concrete JSONPath as the record writes it: every index `[*]`."""
+    return re.sub(r"\[[0-9]+\]", "[*]", path)
+
+
+def decision(stack, rid: str, direction: str, timeout: float = 5.0) -> Record:
+    """The one decision record of request `rid` in `direction`."""
     found = [d for d in stack.decisions(rid, timeout=timeout) if d.get("direction") == direction]
     if not found:
         # The other direction may come later; wait once more for this one specifically.
         found = [d for d in stack.decisions(rid, min_count=2, timeout=timeout)
                  if d.get("direction") == direction]
     assert len(found) == 1, f"expected one {direction} decision for {rid}, got {found}"
-    return found[0]
+    rec = Record(found[0])
+    rec.subject_key = stack.subject_key
+    return rec
 
 
-def field_entries(d: dict, path: str) -> list[dict]:
-    return [f for f in d.get("fields", []) if f.get("path") == path]
+def subject_indexes(g: dict) -> list[int]:
+    """A group's subjects, `"0-3,5"`, as indexes into the record's `subjects`."""
+    out = []
+    for part in g.get("subjects", "").split(",") if g.get("subjects") else []:
+        a, _, b = part.partition("-")
+        out.extend(range(int(a), int(b or a) + 1))
+    return out
 
 
-def field_entry(d: dict, path: str) -> dict:
-    found = field_entries(d, path)
-    assert len(found) == 1, f"expected one decision for {path}, got {found} in {d}"
+def group_subjects(d: dict, g: dict) -> list[str]:
+    """The pseudonyms of a group's subjects."""
+    return [d["subjects"][i] for i in subject_indexes(g)]
+
+
+def field_entries(d: dict, path: str, subject: str | None = None) -> list[dict]:
+    """The decision groups of record `d` that list `path` (a template, or a concrete
+    path, which is templated) and, given a raw subject id, hold that subject."""
+    assert subject is not None or template(path) == path, \
+        f"{path}: a record names records by subject: pass the template and the subject id"
+    path = template(path)
+    found = [g for g in d.get("decisions", []) if path in g.get("paths", [])]
+    if subject is not None:
+        assert isinstance(d, Record) and d.subject_key, \
+            "name subjects only in a record from helpers.decision()"
+        want = pseudonym(d.subject_key, subject)
+        found = [g for g in found if want in group_subjects(d, g)]
+    return found
+
+
+def field_entry(d: dict, path: str, subject: str | None = None) -> dict:
+    """The one decision group at `path` (about `subject`, a raw id, if given)."""
+    found = field_entries(d, path, subject)
+    assert len(found) == 1, \
+        f"expected one decision group for {path} (subject {subject}), got {found} in {d}"
     return found[0]
 
 
 def check_decision_shape(d: dict):
-    """The decision log contract every entry must keep."""
+    """The decision record contract every entry must keep (format v2): it matches
+    policies/consentry-decision-record.v2.schema.json, with the rules the schema cannot
+    say (ce.decision_problems)."""
     # `time` is checked once, in test_observability (so a naming slip fails one test).
-    for key in ("request_id", "policy", "caller", "recipient", "direction", "mode",
-                "outcome", "fields"):
-        assert key in d, f"decision log lacks {key!r}: {d}"
+    for key in ("v", "request_id", "policy", "caller", "recipient", "direction", "mode",
+                "outcome", "decisions", "counts"):
+        assert key in d, f"decision record lacks {key!r}: {d}"
+    assert d["v"] == 2, d
     assert d["policy"] == POLICY_NAME
-    assert d["direction"] in ("request", "response")
-    assert d["mode"] in ("enforce", "audit")
     assert d["outcome"] in OUTCOMES, d["outcome"]
-    assert isinstance(d["fields"], list)
-    for f in d["fields"]:
-        for key in ("path", "category", "action"):
-            assert key in f, f"field decision lacks {key!r}: {f}"
-        assert f["action"] in ACTIONS, f
-        if f["action"] == "allow":
-            assert f.get("reason") is None, f"allowed field with a reason: {f}"
+    problems = ce.decision_problems(dict(d))
+    assert not problems, f"decision record does not match the v2 schema: {problems}: {d}"
+    for g in d["decisions"]:
+        assert g["action"] in ACTIONS, g
+        if g["action"] == "allow":
+            assert g.get("reason") is None, f"allowed group with a reason: {g}"
         else:
-            assert f.get("reason") in REASONS, f"denied field without a valid reason: {f}"
-
+            assert g.get("reason") in REASONS, f"denied group without a valid reason: {g}"
 
 
 # -- consent header (policy consent.header) -------------------------------------------
@@ -199,16 +251,17 @@ def consent_header_value(grants: dict) -> str:
     return "; ".join(f"{s}={','.join(keys)}" for s, keys in grants.items())
 
 
-def assert_consent_evidence(d: dict, index: int, evidence: str, granted: bool,
+def assert_consent_evidence(d: dict, subject: str, evidence: str, granted: bool,
                             keys=MARKETING_CONSENT_FIELDS):
-    """The marketing.email decisions of record `index`: allowed or not, and from where."""
+    """The marketing.email decisions of the record of `subject` (a raw id): allowed or
+    not, and from where."""
     for k in keys:
-        f = field_entry(d, f"$.customers[{index}].{k}")
+        f = field_entry(d, f"$.customers[*].{k}", subject)
         assert f.get("purpose") == "marketing.email", f
         assert f.get("evidence") == evidence, \
-            f"$.customers[{index}].{k}: evidence {f.get('evidence')!r}, expected {evidence!r}: {f}"
+            f"{k} of {subject}: evidence {f.get('evidence')!r}, expected {evidence!r}: {f}"
         if granted:
-            assert f["action"] == "allow", f"$.customers[{index}].{k} should be allowed: {f}"
+            assert f["action"] == "allow", f"{k} of {subject} should be allowed: {f}"
         else:
             assert f["action"] != "allow" and f.get("reason") == "no_consent", \
-                f"$.customers[{index}].{k} should be denied for no_consent: {f}"
+                f"{k} of {subject} should be denied for no_consent: {f}"

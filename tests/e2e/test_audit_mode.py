@@ -35,8 +35,9 @@ def test_audit_passes_everything_and_logs_what_enforce_would_do(audit_stack):
     d = decision(s, rid, "request")
     assert d["mode"] == "audit"
     assert d["outcome"] == "modified"
-    email = field_entry(d, "$.customers[0].email")
+    email = field_entry(d, "$.customers[*].email", batch["customers"][0]["id"])
     assert (email["action"], email["reason"]) == ("strip", "no_purpose")
+    assert email["n"] == len(batch["customers"]), email
 
 
 def test_audit_does_not_block(audit_stack):

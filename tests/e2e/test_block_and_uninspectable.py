@@ -45,7 +45,7 @@ def test_bank_account_to_a_service_without_financial_purpose_is_blocked(stack, s
     d = decision(stack, rid, "request")
     check_decision_shape(d)
     assert d["outcome"] == "blocked"
-    iban = field_entry(d, "$.customers[0].iban")
+    iban = field_entry(d, "$.customers[*].iban", batch["customers"][0]["id"])
     assert (iban["category"], iban["action"]) == ("user.financial.bank_account", "block")
     assert iban["reason"] == "no_purpose"
 

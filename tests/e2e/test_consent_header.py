@@ -53,9 +53,9 @@ def test_trusted_gateway_header_decides_for_the_subjects_it_names(stack):
     check_decision_shape(d)
     assert d["caller"] == "gateway" and d["recipient"] == "marketing-email", d
     assert CONSENT_HEADER not in _note(d), f"the header was not used: {d.get('detail')}"
-    assert_consent_evidence(d, 0, HEADER_EVIDENCE, granted=True)
-    assert_consent_evidence(d, 1, HEADER_EVIDENCE, granted=False)
-    assert_consent_evidence(d, 2, "store", granted=True)
+    assert_consent_evidence(d, a, HEADER_EVIDENCE, granted=True)
+    assert_consent_evidence(d, b, HEADER_EVIDENCE, granted=False)
+    assert_consent_evidence(d, c, "store", granted=True)
 
     st = stack.services.store.stats()
     assert a not in st["subjects"] and b not in st["subjects"], \
@@ -75,8 +75,8 @@ def test_header_alone_needs_no_store(stack):
     assert_marketing_view(received_json(stack, "marketing"), batch, granted={a})
     assert stack.services.store.stats()["lookups"] == 0
     d = decision(stack, rid, "request")
-    assert_consent_evidence(d, 0, HEADER_EVIDENCE, granted=True)
-    assert_consent_evidence(d, 1, HEADER_EVIDENCE, granted=False)
+    assert_consent_evidence(d, a, HEADER_EVIDENCE, granted=True)
+    assert_consent_evidence(d, b, HEADER_EVIDENCE, granted=False)
 
 
 # Who sends the header without being trusted for it: (client certificate, caller header
@@ -114,8 +114,8 @@ def test_header_from_an_untrusted_caller_is_ignored(stack, client, caller_header
         assert d["caller"].startswith("unknown("), d["caller"]
     assert CONSENT_HEADER in _note(d), \
         f"the decision does not say the header was ignored: detail={d.get('detail')!r}"
-    for i in (0, 1):
-        assert_consent_evidence(d, i, "store:unknown_subject", granted=False)
+    for subject in (a, b):
+        assert_consent_evidence(d, subject, "store:unknown_subject", granted=False)
     st = stack.services.store.stats()
     assert a in st["subjects"] and b in st["subjects"], st
 
@@ -131,8 +131,8 @@ def test_repeated_header_is_ignored(stack):
     d = decision(stack, rid, "request")
     assert d["caller"] == "gateway"
     assert CONSENT_HEADER in _note(d), f"detail={d.get('detail')!r}"
-    for i in (0, 1):
-        assert_consent_evidence(d, i, "store:unknown_subject", granted=False)
+    for subject in (a, b):
+        assert_consent_evidence(d, subject, "store:unknown_subject", granted=False)
 
 
 MALFORMED = [
@@ -152,7 +152,7 @@ def test_malformed_header_is_ignored(stack, template):
     assert_marketing_view(received_json(stack, "marketing"), batch, granted=set())
     d = decision(stack, rid, "request")
     assert CONSENT_HEADER in _note(d), f"detail={d.get('detail')!r}"
-    assert_consent_evidence(d, 0, "store:unknown_subject", granted=False)
+    assert_consent_evidence(d, a, "store:unknown_subject", granted=False)
 
 
 def test_record_consent_wins_over_the_header(stack):
@@ -167,8 +167,8 @@ def test_record_consent_wins_over_the_header(stack):
     assert r.status == 200, r.text()
     assert_marketing_view(received_json(stack, "marketing"), batch, granted={b})
     d = decision(stack, rid, "request")
-    assert_consent_evidence(d, 0, "record:$.consents.marketing_email", granted=False)
-    assert_consent_evidence(d, 1, "record:$.consents.marketing_email", granted=True)
+    assert_consent_evidence(d, a, "record:$.consents.marketing_email", granted=False)
+    assert_consent_evidence(d, b, "record:$.consents.marketing_email", granted=True)
     assert stack.services.store.stats()["lookups"] == 0
 
 

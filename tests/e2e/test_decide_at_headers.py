@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from helpers import customers, decision, header, only_request
+from helpers import DECLARED, customers, decision, header, only_request, pseudonym
 
 import consentry_env as ce
 
@@ -28,7 +28,8 @@ def _unread_entry_ok(d: dict, recipient: str):
     assert d["recipient"] == recipient
     assert d["outcome"] == "allowed"
     assert d["inspected"] is False
-    assert d["fields"] == [] and d["counts"] == {}
+    assert d["decisions"] == [] and d["counts"] == {}
+    assert "subjects" not in d and "records" not in d
     grants = d["allowed_categories"]
     assert [g["category"] for g in grants] == ALL_CATEGORIES
     assert all((g["purpose"], g["basis"]) == ("essential.account", "contract") for g in grants)
@@ -139,9 +140,12 @@ def test_every_field_reads_and_lists_each_field(every_field_stack):
     assert json.loads(only_request(s, "profile")["body"]) == batch
     d = decision(s, rid, "request")
     assert "inspected" not in d and "allowed_categories" not in d
-    assert d["fields"], d
-    assert all(f["action"] == "allow" and f["basis"] == "contract" for f in d["fields"])
-    assert all(f.get("subject", "").startswith("s1:") for f in d["fields"])
+    assert d["decisions"], d
+    assert all(g["action"] == "allow" and g["basis"] == "contract" for g in d["decisions"])
+    # Every declared field of every record is listed: one group per category here.
+    declared = sum(1 for c in batch["customers"] for k in c if k in DECLARED)
+    assert sum(g["n"] for g in d["decisions"]) == declared, d
+    assert d["subjects"] == [pseudonym(s.subject_key, c["id"]) for c in batch["customers"]]
     # And a malformed body is refused again: it has to be read.
     s.clear()
     r, _ = s.send("profile", "POST", "/v1/customers", caller="support", body=b'{"customers": [',

@@ -369,6 +369,11 @@ def test_harness_and_envoy_agree_on_every_exchange(stack):
         envoy_dec = _envoy_decisions(stack, rid, log_mark, want)
         for direction in ("request", "response"):
             hdec = h[direction].get("decision")
+            if hdec:
+                # The harness's records match the v2 schema too (Envoy's are checked
+                # after every test, conftest.py).
+                for problem in ce.decision_problems(hdec):
+                    diffs.append(f"{direction} decision from the harness: {problem}")
             found = [d for d in envoy_dec if d.get("direction") == direction]
             if len(found) > 1:
                 diffs.append(f"{direction} decision: Envoy logged {len(found)} entries")

@@ -10,9 +10,10 @@ upstreams and the consent store received, or the rendered bootstrap file.
 
 So that the test cannot pass vacuously, it also shows that the keys were in use: the ids
 analytics received and the subject pseudonyms of the decision log are exactly the
-HMAC-SHA256 pseudonyms of those ids under this stack's keys (the engine's
-`keyed_digest`: tag, then the first 16 bytes of the HMAC in hex), and both keys are in
-the Envoy process's environment.
+HMAC-SHA256 pseudonyms of those ids under this stack's keys (the engine's `keyed_digest`
+for hashes: `h1:`, then the first 16 bytes of the HMAC in hex; `subject_pseudonym` for
+subjects: `s2:`, then its first 12 bytes in base64url), and both keys are in the Envoy
+process's environment.
 """
 
 from __future__ import annotations
@@ -52,8 +53,13 @@ ADMIN_PATHS = (
 
 
 def pseudonym(tag: str, key: str, data: str) -> str:
-    """The engine's keyed pseudonym (plugin/src/engine/actions.rs, keyed_digest)."""
-    return tag + hmac.new(key.encode(), data.encode(), hashlib.sha256).hexdigest()[:32]
+    """The engine's keyed pseudonyms (plugin/src/engine/actions.rs): `h1:` (hash,
+    keyed_digest) is the first 16 bytes of the HMAC in hex, `s2:` (subjects,
+    subject_pseudonym) its first 12 bytes in base64url."""
+    mac = hmac.new(key.encode(), data.encode(), hashlib.sha256).digest()
+    if tag == "s2:":
+        return tag + base64.urlsafe_b64encode(mac[:12]).decode().rstrip("=")
+    return tag + mac.hex()[:32]
 
 
 def _forms(key: str) -> dict[str, str]:
@@ -95,10 +101,10 @@ def test_keys_appear_nowhere_but_in_envoys_environment(secret_stack):
         "analytics did not get the ids hashed with this stack's hash key"
     d = decision(s, rid, "request")
     assert d["outcome"] == "modified", d
-    subjects = {f.get("subject") for f in d["fields"]} - {None}
-    want_subjects = {pseudonym("s1:", s.subject_key, c["id"]) for c in batch["customers"]}
+    subjects = d["subjects"]
+    want_subjects = [pseudonym("s2:", s.subject_key, c["id"]) for c in batch["customers"]]
     assert subjects == want_subjects, \
-        f"the decision's subject pseudonyms are not this stack's: {sorted(subjects)}"
+        f"the decision's subject pseudonyms are not this stack's: {subjects}"
 
     # 2. Response direction: analytics reads the customers from profile.
     r, rid = s.send("profile", "GET", "/v1/customers", caller="analytics")

@@ -134,7 +134,7 @@ def test_unknown_principal_gets_no_customer_data(stack):
     check_decision_shape(d)
     assert d["caller"] == f"unknown(principal={spiffe})", d["caller"]
     assert d["recipient"] == f"unknown(principal={spiffe})", d["recipient"]
-    assert d["fields"] and all(f["action"] != "allow" for f in d["fields"]), d["fields"]
+    assert d["decisions"] and all(g["action"] != "allow" for g in d["decisions"]), d["decisions"]
     assert _peer_uri_san(stack, rid) == spiffe
 
 

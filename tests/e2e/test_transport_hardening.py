@@ -981,5 +981,7 @@ def test_repeated_subject_header_means_no_subject(stack, vm_ok):
     rec = only_request(stack, "marketing")
     assert email not in json.dumps(rec), rec["headers"]
     d = decision(stack, rid, "request")
-    f = [x for x in d["fields"] if x["path"] == "header:x-customer-email"]
+    f = [g for g in d["decisions"] if "header:x-customer-email" in g["paths"]]
     assert f and f[0]["action"] != "allow", d
+    # No subject: the record names none.
+    assert "subjects" not in d and "subjects" not in f[0], d

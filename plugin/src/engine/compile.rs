@@ -246,6 +246,9 @@ pub struct Policy {
     pub(crate) open: Vec<Vec<Option<OpenGrants>>>,
     pub(crate) hash_key: Option<Vec<u8>>,
     pub(crate) subject_key: Option<Vec<u8>>,
+    /// Decision records name each field by its concrete path (`$.customers[3].email`)
+    /// instead of its template (`$.customers[*].email`): see [`Policy::with_exact_paths`].
+    pub(crate) exact_paths: bool,
 }
 
 /// `a` covers `b` when they are equal or `a` is a dotted prefix of `b`.
@@ -772,6 +775,7 @@ impl Policy {
             max_depth: limits.max_depth,
             max_records: limits.max_records,
             log_untouched: file.log.untouched,
+            exact_paths: false,
             caller_header,
             services,
             by_cluster,
@@ -803,6 +807,17 @@ impl Policy {
 
     pub fn max_body_bytes(&self) -> usize {
         self.max_body_bytes
+    }
+
+    /// For tests and tools that must locate every decision in the body: the records of
+    /// this policy then list concrete paths (`$.customers[3].email`, one per array
+    /// element) instead of path templates (`$.customers[*].email`), so a group holds one
+    /// path per element it decided. The filter never sets it: such a record grows with
+    /// the batch.
+    #[doc(hidden)]
+    pub fn with_exact_paths(mut self) -> Policy {
+        self.exact_paths = true;
+        self
     }
 
     pub fn log_untouched(&self) -> bool {

@@ -185,16 +185,16 @@ mod tests {
     #[test]
     fn cache_entries_expire_and_belong_to_one_subject() {
         let a = ConsentAnswer::Known([("k".to_string(), true)].into());
-        let bytes = cache_encode("s1:aa", &a, 1000);
-        assert_eq!(cache_decode(&bytes, "s1:aa", 999), Some(a));
-        assert_eq!(cache_decode(&bytes, "s1:aa", 1000), None);
+        let bytes = cache_encode("s2:aa", &a, 1000);
+        assert_eq!(cache_decode(&bytes, "s2:aa", 999), Some(a));
+        assert_eq!(cache_decode(&bytes, "s2:aa", 1000), None);
         assert_eq!(
-            cache_decode(&bytes, "s1:bb", 0),
+            cache_decode(&bytes, "s2:bb", 0),
             None,
             "another subject's entry is a miss"
         );
-        let u = cache_encode("s1:aa", &ConsentAnswer::Unknown, 1000);
-        assert_eq!(cache_decode(&u, "s1:aa", 0), Some(ConsentAnswer::Unknown));
-        assert_eq!(cache_decode(b"garbage", "s1:aa", 0), None);
+        let u = cache_encode("s2:aa", &ConsentAnswer::Unknown, 1000);
+        assert_eq!(cache_decode(&u, "s2:aa", 0), Some(ConsentAnswer::Unknown));
+        assert_eq!(cache_decode(b"garbage", "s2:aa", 0), None);
     }
 }

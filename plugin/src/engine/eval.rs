@@ -4,16 +4,18 @@
 use super::actions::{hash_value, mask_value, percent_decode, percent_encode, subject_pseudonym};
 use super::compile::{param_is, Action, CBinding, CNamed, Policy};
 use super::consent::{granted, ConsentAnswer, HeaderConsent, StoreAnswers};
-use super::decision::{DecisionLog, FieldDecision, Grant, Outcome, Reason, MAX_LOGGED_FIELDS};
+use super::decision::{
+    DecisionGroup, DecisionLog, Grant, Outcome, Reason, MAX_LOGGED_PATHS, RECORD_VERSION,
+};
 use super::encoding;
 use super::policy::{FailMode, LegalBasis, MessageSubject, Mode, ShapeMismatch, Undeclared};
 use super::route;
+use super::selector::{push_edge, Edge};
 use super::stream::{self, ScanError};
 use super::{BindingId, Direction, ServiceId};
 use serde_json::Value;
 use std::borrow::Cow;
-use std::cell::OnceCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Slots of the cross-VM consent cache (see [`Policy::cache_slot`]): at most this many
 /// entries of about 200 bytes each live in Envoy's shared data.
@@ -171,18 +173,68 @@ impl Uninspectable {
     }
 }
 
-/// The category index under which [`Report::by_category`] counts undeclared fields.
+/// The category index under which undeclared fields are recorded.
 pub const UNDECLARED: usize = usize::MAX;
 
-/// Field decisions of one message, bounded in size, with counts per action.
+/// Where the consent behind a decision came from; rendered in [`Policy::decision_log`]
+/// (`Record` as `record:` + the binding's consent path + `.` + the purpose's consent
+/// key, `Header` as `header:` + the consent header's name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Evidence {
+    Record,
+    Header,
+    Store,
+    StoreUnknown,
+    None,
+    NoSubject,
+}
+
+/// One field decision as small values: what its group is found by. `basis` is the
+/// purpose's, so it is not part of the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct FieldKey {
+    /// Index into the policy's categories, or [`UNDECLARED`].
+    pub category: usize,
+    /// `allow`, or the action applied.
+    pub action: &'static str,
+    pub reason: Option<Reason>,
+    /// Index into the policy's purposes.
+    pub purpose: Option<usize>,
+    pub evidence: Option<Evidence>,
+}
+
+/// The field decisions of one group, as recorded.
+#[derive(Debug, Clone)]
+struct Group {
+    key: FieldKey,
+    n: usize,
+    /// (path template id, decisions at it), first-seen order.
+    paths: Vec<(u32, usize)>,
+    /// Decisions whose template was not interned (past [`MAX_LOGGED_PATHS`]).
+    folded: usize,
+    /// Subject ids, appended when they differ from the last one; sorted and deduplicated
+    /// when the log is written.
+    subjects: Vec<u32>,
+}
+
+/// The field decisions of one message, aggregated as they are recorded: groups by
+/// [`FieldKey`], path templates and raw subjects interned. Nothing is built per field
+/// beyond a few hash look-ups; names, evidence strings and subject pseudonyms are made
+/// once per group or subject, in [`Policy::decision_log`]. Raw subjects live here only
+/// and are never logged.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
-    pub fields: Vec<FieldDecision>,
-    pub omitted: usize,
-    pub counts: BTreeMap<&'static str, usize>,
-    /// Field decisions per (category index, action), complete even past the cap; an
-    /// undeclared field counts under [`UNDECLARED`].
-    pub by_category: BTreeMap<(usize, &'static str), usize>,
+    groups: Vec<Group>,
+    /// (key, path template id) -> (group, slot in the group's `paths`).
+    slots: HashMap<(FieldKey, u32), (u32, u32)>,
+    /// Group by key (for decisions whose path is folded, and for merges).
+    by_key: HashMap<FieldKey, u32>,
+    paths: Vec<String>,
+    path_ids: HashMap<String, u32>,
+    subjects: Vec<String>,
+    subject_ids: HashMap<String, u32>,
+    /// Records judged in the body.
+    pub records: usize,
     /// Categories whose `block` action fired.
     pub blocked: BTreeSet<String>,
     /// The message was decided from its headers: its recipient may receive every
@@ -191,38 +243,123 @@ pub struct Report {
 }
 
 impl Report {
-    /// Counts one field decision; builds it (path string, names, pseudonym) only while
-    /// the entry has room for it, so a large batch pays for the decisions it logs.
-    pub(crate) fn record(
-        &mut self,
-        category: usize,
-        action: &'static str,
-        build: impl FnOnce() -> FieldDecision,
-    ) {
-        *self.counts.entry(action).or_default() += 1;
-        *self.by_category.entry((category, action)).or_default() += 1;
-        if self.fields.len() < MAX_LOGGED_FIELDS {
-            self.fields.push(build());
-        } else {
-            self.omitted += 1;
+    /// Records one field decision: `key` says what was decided, `path` is the field's
+    /// path template (`$.customers[*].email`, `header:x-email`), `subject` the raw
+    /// subject id of the record or message, if any.
+    pub(crate) fn record(&mut self, key: FieldKey, path: &str, subject: Option<&str>) {
+        let subject = subject.map(|s| self.subject_id(s));
+        let g = match self.path_ids.get(path) {
+            Some(&pid) => match self.slots.get(&(key, pid)) {
+                Some(&(g, slot)) => {
+                    self.groups[g as usize].paths[slot as usize].1 += 1;
+                    g
+                }
+                None => {
+                    let g = self.group(key);
+                    self.add_slot(g, pid, 1);
+                    g
+                }
+            },
+            None => {
+                let g = self.group(key);
+                match self.intern_path(path) {
+                    Some(pid) => self.add_slot(g, pid, 1),
+                    None => self.groups[g as usize].folded += 1,
+                }
+                g
+            }
+        };
+        let group = &mut self.groups[g as usize];
+        group.n += 1;
+        if let Some(s) = subject {
+            if group.subjects.last() != Some(&s) {
+                group.subjects.push(s);
+            }
         }
     }
 
-    pub fn merge(&mut self, other: Report) {
-        for (action, n) in other.counts {
-            *self.counts.entry(action).or_default() += n;
-        }
-        for (key, n) in other.by_category {
-            *self.by_category.entry(key).or_default() += n;
-        }
-        for d in other.fields {
-            if self.fields.len() < MAX_LOGGED_FIELDS {
-                self.fields.push(d);
-            } else {
-                self.omitted += 1;
+    fn subject_id(&mut self, s: &str) -> u32 {
+        // Consecutive decisions are mostly about the same subject: check the last first.
+        if let Some(last) = self.subjects.len().checked_sub(1) {
+            if self.subjects[last] == s {
+                return last as u32;
             }
         }
-        self.omitted += other.omitted;
+        if let Some(&id) = self.subject_ids.get(s) {
+            return id;
+        }
+        let id = self.subjects.len() as u32;
+        self.subjects.push(s.to_string());
+        self.subject_ids.insert(s.to_string(), id);
+        id
+    }
+
+    fn group(&mut self, key: FieldKey) -> u32 {
+        if let Some(&g) = self.by_key.get(&key) {
+            return g;
+        }
+        let g = self.groups.len() as u32;
+        self.groups.push(Group {
+            key,
+            n: 0,
+            paths: Vec::new(),
+            folded: 0,
+            subjects: Vec::new(),
+        });
+        self.by_key.insert(key, g);
+        g
+    }
+
+    /// The id of a path template, `None` when the record already lists as many as it
+    /// may.
+    fn intern_path(&mut self, path: &str) -> Option<u32> {
+        if let Some(&id) = self.path_ids.get(path) {
+            return Some(id);
+        }
+        if self.paths.len() >= MAX_LOGGED_PATHS {
+            return None;
+        }
+        let id = self.paths.len() as u32;
+        self.paths.push(path.to_string());
+        self.path_ids.insert(path.to_string(), id);
+        Some(id)
+    }
+
+    fn add_slot(&mut self, g: u32, pid: u32, n: usize) {
+        let key = self.groups[g as usize].key;
+        match self.slots.get(&(key, pid)) {
+            Some(&(_, slot)) => self.groups[g as usize].paths[slot as usize].1 += n,
+            None => {
+                let group = &mut self.groups[g as usize];
+                self.slots.insert((key, pid), (g, group.paths.len() as u32));
+                group.paths.push((pid, n));
+            }
+        }
+    }
+
+    /// Adds another report of the same message (its headers' to its body's, or the
+    /// other way round): groups, paths and subjects are merged, in first-seen order.
+    pub fn merge(&mut self, other: Report) {
+        let subjects: Vec<u32> = other.subjects.iter().map(|s| self.subject_id(s)).collect();
+        for og in other.groups {
+            let g = self.group(og.key);
+            for (pid, n) in og.paths {
+                match self.intern_path(&other.paths[pid as usize]) {
+                    Some(id) => self.add_slot(g, id, n),
+                    None => self.groups[g as usize].folded += n,
+                }
+            }
+            let group = &mut self.groups[g as usize];
+            group.folded += og.folded;
+            group.n += og.n;
+            for s in og.subjects {
+                let s = subjects[s as usize];
+                if group.subjects.last() != Some(&s) {
+                    group.subjects.push(s);
+                }
+            }
+        }
+        self.records += other.records;
         self.blocked.extend(other.blocked);
         if other.unread.is_some() {
             self.unread = other.unread;
@@ -234,7 +371,31 @@ impl Report {
     }
 
     pub fn changed(&self) -> bool {
-        self.counts.keys().any(|a| *a != "allow")
+        self.groups.iter().any(|g| g.key.action != "allow")
+    }
+
+    /// Number of field decisions recorded.
+    pub fn decisions(&self) -> usize {
+        self.groups.iter().map(|g| g.n).sum()
+    }
+
+    /// Number of field decisions per action.
+    pub fn counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut out = BTreeMap::new();
+        for g in &self.groups {
+            *out.entry(g.key.action).or_default() += g.n;
+        }
+        out
+    }
+
+    /// Number of field decisions per (category index, action); an undeclared field
+    /// counts under [`UNDECLARED`].
+    pub fn by_category(&self) -> BTreeMap<(usize, &'static str), usize> {
+        let mut out = BTreeMap::new();
+        for g in &self.groups {
+            *out.entry((g.key.category, g.key.action)).or_default() += g.n;
+        }
+        out
     }
 }
 
@@ -290,18 +451,23 @@ fn is_json_content_type(ct: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
+/// Appends an array step to a path template: `[*]`, or `[i]` with
+/// [`Policy::exact_paths`].
+pub(crate) fn push_index(path: &mut String, i: usize, exact: bool) {
+    if exact {
+        push_edge(path, Edge::Index(i, 0));
+    } else {
+        path.push_str("[*]");
+    }
+}
+
 /// Decides fields of one subject for one recipient.
 pub(crate) struct Judge<'a> {
     pub(crate) policy: &'a Policy,
     recipient: Option<usize>,
-    subject: Option<&'a str>,
-    /// The subject's keyed pseudonym, computed (an HMAC) only when a logged decision
-    /// needs it: past the log's cap a large batch needs none.
-    pseudonym: OnceCell<Option<String>>,
+    pub(crate) subject: Option<&'a str>,
     pub(crate) record_consent: Option<&'a Value>,
-    pub(crate) record_consent_path: Option<&'a str>,
     header: Option<&'a HeaderConsent>,
-    header_name: &'a str,
     store: &'a StoreAnswers,
 }
 
@@ -309,7 +475,7 @@ pub(crate) struct Verdict {
     pub(crate) allowed: bool,
     reason: Option<Reason>,
     purpose: Option<usize>,
-    evidence: Option<String>,
+    evidence: Option<Evidence>,
 }
 
 impl<'a> Judge<'a> {
@@ -324,40 +490,27 @@ impl<'a> Judge<'a> {
             policy,
             recipient: ex.recipient(direction).service.map(|s| s.0),
             subject,
-            pseudonym: OnceCell::new(),
             record_consent: None,
-            record_consent_path: None,
             header: ex.header_consent.as_ref(),
-            header_name: policy.consent_header().unwrap_or("consent-header"),
             store,
         }
     }
 
-    pub(crate) fn pseudonym(&self) -> Option<String> {
-        self.pseudonym
-            .get_or_init(|| match (self.subject, &self.policy.subject_key) {
-                (Some(s), Some(k)) => Some(subject_pseudonym(k, s)),
-                _ => None,
-            })
-            .clone()
-    }
-
     /// Whether the subject granted `key`, and the evidence for the answer.
-    fn consent(&self, key: &str) -> (bool, String) {
+    fn consent(&self, key: &str) -> (bool, Evidence) {
         if let Some(v) = self.record_consent.and_then(|c| c.get(key)) {
-            let path = self.record_consent_path.unwrap_or("$");
-            return (granted(v) == Some(true), format!("record:{path}.{key}"));
+            return (granted(v) == Some(true), Evidence::Record);
         }
         let Some(subject) = self.subject else {
-            return (false, "none:no_subject".into());
+            return (false, Evidence::NoSubject);
         };
         if let Some(grants) = self.header.and_then(|h| h.grants(subject)) {
-            return (grants.contains(key), format!("header:{}", self.header_name));
+            return (grants.contains(key), Evidence::Header);
         }
         match self.store.get(subject) {
-            Some(ConsentAnswer::Known(m)) => (m.get(key) == Some(&true), "store".into()),
-            Some(ConsentAnswer::Unknown) => (false, "store:unknown_subject".into()),
-            None => (false, "none".into()),
+            Some(ConsentAnswer::Known(m)) => (m.get(key) == Some(&true), Evidence::Store),
+            Some(ConsentAnswer::Unknown) => (false, Evidence::StoreUnknown),
+            None => (false, Evidence::None),
         }
     }
 
@@ -373,7 +526,7 @@ impl<'a> Judge<'a> {
             };
         };
         let candidates = &self.policy.services[svc].grants[category];
-        let mut first_refusal: Option<(usize, String)> = None;
+        let mut first_refusal: Option<(usize, Evidence)> = None;
         for &p in candidates {
             let purpose = &self.policy.purposes[p];
             match (&purpose.basis, &purpose.consent_key) {
@@ -415,23 +568,14 @@ impl<'a> Judge<'a> {
         }
     }
 
-    pub(crate) fn decision(
-        &self,
-        path: String,
-        category: &str,
-        action: &'static str,
-        v: &Verdict,
-    ) -> FieldDecision {
-        let purpose = v.purpose.map(|p| &self.policy.purposes[p]);
-        FieldDecision {
-            path,
-            category: category.to_string(),
+    /// The record key of a decision about `category`.
+    pub(crate) fn decision(&self, category: usize, action: &'static str, v: &Verdict) -> FieldKey {
+        FieldKey {
+            category,
             action,
             reason: v.reason,
-            purpose: purpose.map(|p| p.name.clone()),
-            basis: purpose.map(|p| p.basis.as_str()),
-            evidence: v.evidence.clone(),
-            subject: self.pseudonym(),
+            purpose: v.purpose,
+            evidence: v.evidence,
         }
     }
 
@@ -855,20 +999,19 @@ impl Policy {
         report: &mut Report,
     ) -> (Vec<Option<String>>, bool) {
         let v = judge.decide(n.category);
-        let category = &self.categories[n.category];
-        let path = || format!("{what}:{}", n.name);
+        let path = format!("{what}:{}", n.name);
         if v.allowed {
-            report.record(n.category, "allow", || {
-                judge.decision(path(), category, "allow", &v)
-            });
+            report.record(
+                judge.decision(n.category, "allow", &v),
+                &path,
+                judge.subject,
+            );
             return (Vec::new(), false);
         }
         let action = n.action.as_str();
-        report.record(n.category, action, || {
-            judge.decision(path(), category, action, &v)
-        });
+        report.record(judge.decision(n.category, action, &v), &path, judge.subject);
         if n.action == Action::Block {
-            report.blocked.insert(category.clone());
+            report.blocked.insert(self.categories[n.category].clone());
             return (Vec::new(), false);
         }
         let mut out = Vec::new();
@@ -992,8 +1135,14 @@ impl Policy {
         }
         let (body, codings) = self.prepare_body(content_type, content_encoding, body)?;
         let binding = &self.bindings[b];
-        let scanned = stream::scan(&body, binding, self.max_depth, self.max_records)
-            .map_err(|e| self.unreadable(e))?;
+        let scanned = stream::scan(
+            &body,
+            binding,
+            self.max_depth,
+            self.max_records,
+            self.exact_paths,
+        )
+        .map_err(|e| self.unreadable(e))?;
         if scanned.too_deep {
             return Err(self.unreadable(ScanError::TooDeep));
         }
@@ -1090,7 +1239,6 @@ impl Policy {
             return verdict;
         };
         let binding = &self.bindings[b];
-        let consent_path = binding.consent.as_ref().map(|s| s.source.as_str());
         let new_body = stream::rewrite(
             self,
             binding,
@@ -1099,7 +1247,6 @@ impl Policy {
             |rec| {
                 let mut judge = Judge::new(self, ex, direction, rec.subject.as_deref(), store);
                 judge.record_consent = rec.consent.as_ref();
-                judge.record_consent_path = consent_path;
                 judge
             },
             &mut verdict.report,
@@ -1143,7 +1290,14 @@ impl Policy {
                 None => note.clone(),
             });
         }
+        let (subjects, decisions) = self.render_decisions(ex, direction, report);
+        let category_counts = report
+            .by_category()
+            .into_iter()
+            .map(|((c, action), n)| (self.category_name(c).to_string(), action, n))
+            .collect();
         DecisionLog {
+            v: RECORD_VERSION,
             time: super::decision::rfc3339_utc(time_ms),
             request_id: ex.request_id.clone(),
             policy: self.name.clone(),
@@ -1168,21 +1322,86 @@ impl Policy {
             blocked_categories: report.blocked.iter().cloned().collect(),
             inspected: report.unread.is_none(),
             allowed_categories: report.unread.clone().unwrap_or_default(),
-            fields: report.fields.clone(),
-            fields_omitted: report.omitted,
-            category_counts: report
-                .by_category
-                .iter()
-                .map(|(&(c, action), &n)| {
-                    let name = match self.categories.get(c) {
-                        Some(name) => name.clone(),
-                        None => "undeclared".to_string(),
-                    };
-                    (name, action, n)
-                })
-                .collect(),
-            counts: report.counts.clone(),
+            records: report.records,
+            subjects,
+            decisions,
+            counts: report.counts(),
+            category_counts,
         }
+    }
+
+    fn category_name(&self, c: usize) -> &str {
+        match self.categories.get(c) {
+            Some(name) => name,
+            None => "undeclared",
+        }
+    }
+
+    /// The subjects (pseudonyms, each computed once) and the decision groups of a
+    /// report, as the record writes them.
+    fn render_decisions(
+        &self,
+        ex: &Exchange,
+        direction: Direction,
+        report: &Report,
+    ) -> (Vec<String>, Vec<DecisionGroup>) {
+        // Without a subject key no pseudonym can be made, and raw ids are never logged.
+        let subjects: Vec<String> = match &self.subject_key {
+            Some(k) => report
+                .subjects
+                .iter()
+                .map(|s| subject_pseudonym(k, s))
+                .collect(),
+            None => Vec::new(),
+        };
+        let consent_path = ex
+            .binding(direction)
+            .and_then(|b| self.bindings[b.0].consent.as_ref())
+            .map(|s| s.source.as_str())
+            .unwrap_or("$");
+        let header_name = self.consent_header().unwrap_or("consent-header");
+        let groups = report
+            .groups
+            .iter()
+            .map(|g| {
+                let purpose = g.key.purpose.map(|p| &self.purposes[p]);
+                let evidence = g.key.evidence.map(|e| match e {
+                    Evidence::Record => format!(
+                        "record:{consent_path}.{}",
+                        purpose.and_then(|p| p.consent_key.as_deref()).unwrap_or("")
+                    ),
+                    Evidence::Header => format!("header:{header_name}"),
+                    Evidence::Store => "store".to_string(),
+                    Evidence::StoreUnknown => "store:unknown_subject".to_string(),
+                    Evidence::None => "none".to_string(),
+                    Evidence::NoSubject => "none:no_subject".to_string(),
+                });
+                let mut ids: Vec<usize> = if subjects.is_empty() {
+                    Vec::new()
+                } else {
+                    g.subjects.iter().map(|&s| s as usize).collect()
+                };
+                ids.sort_unstable();
+                ids.dedup();
+                DecisionGroup {
+                    category: self.category_name(g.key.category).to_string(),
+                    action: g.key.action,
+                    reason: g.key.reason,
+                    purpose: purpose.map(|p| p.name.clone()),
+                    basis: purpose.map(|p| p.basis.as_str()),
+                    evidence,
+                    paths: g
+                        .paths
+                        .iter()
+                        .map(|&(pid, _)| report.paths[pid as usize].clone())
+                        .collect(),
+                    folded: g.folded,
+                    n: g.n,
+                    subjects: ids,
+                }
+            })
+            .collect();
+        (subjects, groups)
     }
 
     /// The JSON body of a 403 for a blocked message: names the policy and the

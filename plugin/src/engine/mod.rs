@@ -10,7 +10,8 @@
 //!    read what is needed and say which subjects' consent must come from the consent store;
 //!    the caller gathers those answers (cache or HTTP call) and then
 //!    [`Policy::judge_headers`] / [`Policy::judge_body`] decide and produce the changes.
-//! 4. [`Policy::decision_log`] turns the verdicts of one message into its log entry.
+//! 4. [`Policy::decision_log`] turns the verdicts of one message into its log entry, the
+//!    decision record v2 ([`DecisionLog`]).
 
 mod actions;
 mod compile;
@@ -30,6 +31,7 @@ mod strict_json;
 #[cfg(not(target_arch = "wasm32"))]
 mod tree;
 
+pub use actions::{subject_pseudonym, SUBJECT_TAG};
 pub use compile::{
     category_covers, Action, Policy, PolicyError, PolicyErrors, RouteMatch, StoreConfig,
 };
@@ -37,7 +39,10 @@ pub use consent::{
     cache_decode, cache_encode, parse_store_response, store_request_body, ConsentAnswer,
     HeaderConsent, StoreAnswers,
 };
-pub use decision::{DecisionLog, FieldDecision, Grant, Outcome, Reason, LOG_PREFIX};
+pub use decision::{
+    parse_subject_ranges, subject_ranges, DecisionGroup, DecisionLog, Grant, Outcome, Reason,
+    LOG_PREFIX, MAX_LOGGED_PATHS, RECORD_VERSION,
+};
 pub use eval::{
     BodyPlan, BodyVerdict, Exchange, HeaderPlan, HeaderVerdict, IdentitySource, Party, Report,
     Uninspectable, UninspectableKind,
@@ -62,8 +67,8 @@ impl Direction {
     }
 }
 
-/// Appends one object key to a normalized JSONPath (`$.a`, `$['b c']`), as decision logs
-/// write field paths; for tools and tests that locate what a decision names.
+/// Appends one object key to a normalized JSONPath (`$.a`, `$['b c']`), as decision
+/// records write field paths; for tools and tests that locate what a decision names.
 pub fn push_path_key(path: &mut String, key: &str) {
     selector::push_edge(path, selector::Edge::Key(key));
 }

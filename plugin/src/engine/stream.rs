@@ -32,8 +32,8 @@
 
 use super::actions::{keyed_digest, mask_text};
 use super::compile::{Action, CBinding, Policy};
-use super::decision::{FieldDecision, Reason};
-use super::eval::{Judge, Report, UNDECLARED};
+use super::decision::Reason;
+use super::eval::{push_index, FieldKey, Judge, Report, UNDECLARED};
 use super::matcher::Cursor;
 use super::policy::{MaskSpec, Undeclared};
 use super::selector::{push_edge, Atom, Edge, Selector};
@@ -62,8 +62,11 @@ pub(crate) struct Record {
     /// Byte span of the record's value.
     pub start: usize,
     pub end: usize,
-    /// Normalized JSONPath of the record (`$.customers[3]`).
+    /// Normalized JSONPath of the record (`$.customers[3]`), for errors.
     pub path: String,
+    /// Its path template for the decision record (`$.customers[*]`; with
+    /// `Policy::exact_paths`, the path itself).
+    pub template: String,
     pub subject: Option<String>,
     /// The record's consent object, when its consent selector finds an object.
     pub consent: Option<Value>,
@@ -379,6 +382,8 @@ struct Scanner<'b, 'p> {
     max_records: usize,
     /// Some selector of the binding uses a negative index: arrays are counted first.
     count_arrays: bool,
+    /// Record paths are written with their indexes (`Policy::exact_paths`).
+    exact_paths: bool,
     /// Whether the records path has a `..` step (then its prefixes decide an empty batch).
     descendant: bool,
     out: Scanned,
@@ -405,6 +410,7 @@ pub(crate) fn scan(
     binding: &CBinding,
     max_depth: usize,
     max_records: usize,
+    exact_paths: bool,
 ) -> Result<Scanned, ScanError> {
     let count_arrays = has_negative_index(&binding.records)
         || binding.subject.as_ref().is_some_and(has_negative_index)
@@ -418,6 +424,7 @@ pub(crate) fn scan(
         max_depth,
         max_records,
         count_arrays,
+        exact_paths,
         descendant,
         out: Scanned::default(),
         seen: 0,
@@ -637,16 +644,25 @@ impl<'b> Scanner<'b, '_> {
             .and_then(|(s, e)| serde_json::from_slice::<Value>(&b[s..e]).ok())
             .filter(Value::is_object);
         let mut path = String::from("$");
+        let mut template = String::from("$");
         for edge in &self.path {
             match *edge {
-                PathEdge::Key(raw) => push_edge(&mut path, Edge::Key(&decode(b, raw))),
-                PathEdge::Index(i) => push_edge(&mut path, Edge::Index(i, 0)),
+                PathEdge::Key(raw) => {
+                    let key = decode(b, raw);
+                    push_edge(&mut path, Edge::Key(&key));
+                    push_edge(&mut template, Edge::Key(&key));
+                }
+                PathEdge::Index(i) => {
+                    push_edge(&mut path, Edge::Index(i, 0));
+                    push_index(&mut template, i, self.exact_paths);
+                }
             }
         }
         self.out.records.push(Record {
             start,
             end,
             path,
+            template,
             subject,
             consent,
             kind: node.kind,
@@ -1164,7 +1180,8 @@ pub(crate) fn rewrite<'a>(
             w: &mut w,
             count_arrays,
         };
-        let mut path = rec.path.clone();
+        walk.report.records += 1;
+        let mut path = rec.template.clone();
         let keep = walk.visit(&initial, false, &mut path);
         if !keep {
             // The record itself was removed: it stays in place as `null`, so the
@@ -1222,15 +1239,13 @@ impl Walk<'_, '_, '_, '_> {
                 } else {
                     worst.map(Action::as_str).unwrap_or("strip")
                 };
-                let category = &policy.categories[field.category];
                 if !v.allowed && action == "block" {
+                    let category = &policy.categories[field.category];
                     self.report.blocked.insert(category.clone());
                     self.w.stopped = true;
                 }
-                let judge = &self.judge;
-                self.report.record(field.category, action, || {
-                    judge.decision(path.clone(), category, action, v)
-                });
+                let key = self.judge.decision(field.category, action, v);
+                self.report.record(key, path, self.judge.subject);
             }
             if let Some(action) = worst {
                 return self.apply(action);
@@ -1241,17 +1256,14 @@ impl Walk<'_, '_, '_, '_> {
         let first = self.b.get(self.i).copied();
         let is_container = matches!(first, Some(b'{' | b'['));
         if undeclared_strip && (state.is_dead() || !is_container) {
-            let judge = &self.judge;
-            self.report.record(UNDECLARED, "strip", || FieldDecision {
-                path: path.clone(),
-                category: "undeclared".into(),
+            let key = FieldKey {
+                category: UNDECLARED,
                 action: "strip",
                 reason: Some(Reason::Undeclared),
                 purpose: None,
-                basis: None,
                 evidence: None,
-                subject: judge.pseudonym(),
-            });
+            };
+            self.report.record(key, path, self.judge.subject);
             self.skip();
             return false;
         }
@@ -1335,7 +1347,7 @@ impl Walk<'_, '_, '_, '_> {
                         true
                     } else {
                         let at = path.len();
-                        push_edge(path, Edge::Index(n, len));
+                        push_index(path, n, self.policy.exact_paths);
                         let keep = self.visit(&next, covered, path);
                         path.truncate(at);
                         keep
@@ -1470,7 +1482,7 @@ mod tests {
 
     fn scan_err(text: &str) -> ScanError {
         let p = crate::engine::tests::policy();
-        match scan(text.as_bytes(), &p.bindings[0], 64, 100) {
+        match scan(text.as_bytes(), &p.bindings[0], 64, 100, false) {
             Err(e) => e,
             Ok(_) => panic!("{text:?} was read"),
         }
@@ -1543,7 +1555,7 @@ mod tests {
         ] {
             let doc = format!("[{n}]");
             let serde_ok = serde_json::from_str::<Value>(&doc).is_ok();
-            let ours = scan(doc.as_bytes(), &p.bindings[0], 64, 10).is_ok();
+            let ours = scan(doc.as_bytes(), &p.bindings[0], 64, 10, false).is_ok();
             assert_eq!(ours, serde_ok, "{n}");
         }
     }
@@ -1552,7 +1564,7 @@ mod tests {
     fn invalid_utf8_is_malformed() {
         let p = crate::engine::tests::policy();
         assert!(matches!(
-            scan(b"[\"\xff\"]", &p.bindings[0], 64, 10),
+            scan(b"[\"\xff\"]", &p.bindings[0], 64, 10, false),
             Err(ScanError::Malformed(_))
         ));
     }

@@ -127,12 +127,93 @@ pub(super) fn run_with(
         None => body.clone(),
     };
     let log = p.decision_log(ex, d, &v.report, None, 0);
+    check_record(&log);
     Run {
         out,
         report: v.report,
         log,
         store_subjects,
     }
+}
+
+/// The pseudonym a record names raw subject `subject` by, under the tests' subject key.
+pub(super) fn pseudonym(subject: &str) -> String {
+    subject_pseudonym(SUBJECT_KEY.as_bytes(), subject)
+}
+
+/// The shape every record must have: each group has paths (or folds them), counts what
+/// it stands for, and names subjects the record lists; the counts are the groups' sums;
+/// subjects are distinct pseudonyms, each used by some group.
+pub(super) fn check_record(log: &DecisionLog) {
+    assert_eq!(log.v, 2);
+    let mut sums: std::collections::BTreeMap<&str, usize> = Default::default();
+    let mut used = vec![false; log.subjects.len()];
+    for g in &log.decisions {
+        assert!(g.n > 0, "{g:?}");
+        assert!(!g.paths.is_empty() || g.folded > 0, "{g:?}");
+        assert!(g.folded <= g.n, "{g:?}");
+        let distinct: std::collections::BTreeSet<&String> = g.paths.iter().collect();
+        assert_eq!(distinct.len(), g.paths.len(), "paths listed once: {g:?}");
+        assert!(g.subjects.windows(2).all(|w| w[0] < w[1]), "{g:?}");
+        assert!(g.subjects.len() <= g.n, "{g:?}");
+        for &i in &g.subjects {
+            used[i] = true;
+        }
+        for p in &g.paths {
+            let indexed = p
+                .match_indices('[')
+                .any(|(i, _)| p[i + 1..].starts_with(|c: char| c.is_ascii_digit()));
+            assert!(!indexed, "path templates hold no index: {g:?}");
+        }
+        *sums.entry(g.action).or_default() += g.n;
+    }
+    let counts: std::collections::BTreeMap<&str, usize> =
+        log.counts.iter().map(|(k, v)| (*k, *v)).collect();
+    assert_eq!(sums, counts, "counts are the groups' sums");
+    assert!(used.iter().all(|u| *u), "every subject is some group's");
+    let distinct: std::collections::BTreeSet<&String> = log.subjects.iter().collect();
+    assert_eq!(distinct.len(), log.subjects.len());
+    assert!(log
+        .subjects
+        .iter()
+        .all(|s| s.starts_with("s2:") && s.len() == 19));
+    let v: Value = serde_json::from_str(&log.to_json()).unwrap();
+    assert_eq!(v["v"], 2);
+    assert!(v.get("fields").is_none() && v.get("fields_omitted").is_none());
+}
+
+/// The groups of `log` that list `path` (a template).
+pub(super) fn groups_at<'l>(log: &'l DecisionLog, path: &str) -> Vec<&'l DecisionGroup> {
+    log.decisions
+        .iter()
+        .filter(|g| g.paths.iter().any(|p| p == path))
+        .collect()
+}
+
+/// The one group holding the decision at `path` (a template) about raw subject
+/// `subject`.
+pub(super) fn decision_for<'l>(
+    log: &'l DecisionLog,
+    path: &str,
+    subject: &str,
+) -> &'l DecisionGroup {
+    let s = pseudonym(subject);
+    let i = log
+        .subjects
+        .iter()
+        .position(|x| *x == s)
+        .unwrap_or_else(|| panic!("{subject} is not a subject of {}", log.to_json()));
+    let found: Vec<_> = groups_at(log, path)
+        .into_iter()
+        .filter(|g| g.subjects.contains(&i))
+        .collect();
+    assert_eq!(found.len(), 1, "{path} of {subject}: {}", log.to_json());
+    found[0]
+}
+
+/// Field decisions of the groups that satisfy `f`.
+pub(super) fn count_where(log: &DecisionLog, f: impl Fn(&DecisionGroup) -> bool) -> usize {
+    log.decisions.iter().filter(|g| f(g)).map(|g| g.n).sum()
 }
 
 fn run(p: &Policy, to: &str, body: &Value) -> Run {
@@ -166,23 +247,24 @@ fn consent_is_applied_per_record() {
         "no consent found means no consent given"
     );
     assert_eq!(r.out["page"], 1, "data outside records is left alone");
-    let ann = r
-        .log
-        .fields
-        .iter()
-        .find(|f| f.path == "$.customers[0].email")
-        .unwrap();
+    let ann = decision_for(&r.log, "$.customers[*].email", "c-1");
     assert_eq!(ann.action, "allow");
     assert_eq!(ann.basis, Some("consent"));
     assert_eq!(ann.evidence.as_deref(), Some("record:$.consents.email_ok"));
-    let bob = r
-        .log
-        .fields
-        .iter()
-        .find(|f| f.path == "$.customers[1].email")
-        .unwrap();
+    assert_eq!((ann.n, &ann.subjects), (1, &vec![0]));
+    let bob = decision_for(&r.log, "$.customers[*].email", "c-2");
     assert_eq!((bob.action, bob.reason), ("strip", Some(Reason::NoConsent)));
     assert_eq!(bob.purpose.as_deref(), Some("marketing.email"));
+    assert_eq!(bob.evidence.as_deref(), Some("record:$.consents.email_ok"));
+    assert_eq!((bob.n, &bob.subjects), (1, &vec![1]));
+    // c-3 has no consents object: no consent found, from the store either.
+    let cat = decision_for(&r.log, "$.customers[*].email", "c-3");
+    assert_eq!(
+        (cat.action, cat.evidence.as_deref()),
+        ("strip", Some("none"))
+    );
+    assert_eq!(r.log.subjects, ["c-1", "c-2", "c-3"].map(pseudonym));
+    assert_eq!(r.log.records, 3);
     assert_eq!(r.log.outcome, Outcome::Modified);
 }
 
@@ -194,11 +276,12 @@ fn a_parent_category_covers_its_children() {
     let r = run(&p, "crm", &body);
     assert_eq!(r.out, body);
     assert_eq!(r.log.outcome, Outcome::Allowed);
+    assert!(!r.log.decisions.is_empty());
     assert!(r
         .log
-        .fields
+        .decisions
         .iter()
-        .all(|f| f.action == "allow" && f.basis == Some("contract")));
+        .all(|g| g.action == "allow" && g.basis == Some("contract")));
     // stats allows user.demographic: its child user.demographic.age passes.
     let r = run(&p, "stats", &body);
     assert_eq!(r.out["customers"][0]["age"], 40);
@@ -222,12 +305,7 @@ fn every_non_consent_basis_holds_by_declaration_and_is_recorded() {
             r.out["customers"][0][field], value,
             "{service} keeps {field}"
         );
-        let d = r
-            .log
-            .fields
-            .iter()
-            .find(|f| f.path.ends_with(field))
-            .unwrap();
+        let d = decision_for(&r.log, &format!("$.customers[*].{field}"), "c-9");
         assert_eq!((d.action, d.basis), ("allow", Some(basis)), "{service}");
         assert!(d.evidence.is_none(), "no consent evidence for {basis}");
     }
@@ -263,11 +341,12 @@ fn purposes_are_tried_in_the_services_order() {
     let body = batch(json!([{ "id": "c-1", "name": "Ann" }]));
     let r = run(&p, "both", &body);
     assert_eq!(r.out["customers"][0]["name"], "Ann");
-    let d = &r.log.fields[0];
+    let d = decision_for(&r.log, "$.customers[*].name", "c-1");
     assert_eq!(d.purpose.as_deref(), Some("analytics.reporting"));
     let body = batch(json!([{ "id": "c-1", "name": "Ann", "consents": { "email_ok": true } }]));
     let r = run(&p, "both", &body);
-    assert_eq!(r.log.fields[0].purpose.as_deref(), Some("marketing.email"));
+    let d = decision_for(&r.log, "$.customers[*].name", "c-1");
+    assert_eq!(d.purpose.as_deref(), Some("marketing.email"));
 }
 
 #[test]
@@ -290,13 +369,21 @@ fn each_action_does_what_it_says() {
     let r2 = run(&p, "nothing", &body);
     assert_eq!(r2.out["customers"][0]["ssn"], c["ssn"]);
     assert_eq!(
-        r.log
-            .fields
-            .iter()
-            .filter(|f| f.reason == Some(Reason::NoPurpose))
-            .count(),
+        count_where(&r.log, |g| g.reason == Some(Reason::NoPurpose)),
         4
     );
+    for (path, action) in [
+        ("$.customers[*].email", "strip"),
+        ("$.customers[*].name", "redact"),
+        ("$.customers[*].ssn", "hash"),
+        ("$.customers[*].phone", "mask"),
+    ] {
+        let d = decision_for(&r.log, path, "c-1");
+        assert_eq!(
+            (d.action, d.reason, d.n),
+            (action, Some(Reason::NoPurpose), 1)
+        );
+    }
 }
 
 #[test]
@@ -349,13 +436,15 @@ fn undeclared_fields_pass_or_are_stripped() {
     for k in ["id", "hobby", "address", "tags"] {
         assert!(c.get(k).is_none(), "{k} is undeclared and stripped");
     }
-    let d = r
-        .log
-        .fields
-        .iter()
-        .find(|f| f.path == "$.customers[0].address")
-        .unwrap();
+    let d = decision_for(&r.log, "$.customers[*].address", "c-1");
     assert_eq!((d.action, d.reason), ("strip", Some(Reason::Undeclared)));
+    assert_eq!(d.category, "undeclared");
+    // Every undeclared field of the record, in one group: id, hobby, address, tags.
+    assert_eq!(
+        d.paths,
+        ["id", "hobby", "address", "tags"].map(|k| format!("$.customers[*].{k}"))
+    );
+    assert_eq!(d.n, 4);
     assert_eq!(r.out["page"], 1, "minimisation applies inside records only");
 }
 
@@ -458,11 +547,12 @@ fn an_unknown_recipient_gets_no_declared_field() {
     assert!(c.get("email").is_none() && c.get("age").is_none());
     assert_eq!(c["name"], "[redacted]");
     assert!(r.log.recipient.starts_with("unknown("));
+    assert!(!r.log.decisions.is_empty());
     assert!(r
         .log
-        .fields
+        .decisions
         .iter()
-        .all(|f| f.reason == Some(Reason::NoPurpose)));
+        .all(|g| g.reason == Some(Reason::NoPurpose)));
 }
 
 #[test]
@@ -487,9 +577,15 @@ fn consent_from_a_trusted_header_only() {
         r.store_subjects.is_empty(),
         "the header answered for both subjects"
     );
+    let ann = decision_for(&r.log, "$.customers[*].email", "c-1");
     assert_eq!(
-        r.log.fields[0].evidence.as_deref(),
-        Some("header:x-consent")
+        (ann.action, ann.evidence.as_deref()),
+        ("allow", Some("header:x-consent"))
+    );
+    let bob = decision_for(&r.log, "$.customers[*].email", "c-2");
+    assert_eq!(
+        (bob.action, bob.evidence.as_deref()),
+        ("strip", Some("header:x-consent"))
     );
     // The same header from a caller the policy does not trust is ignored, and says so.
     let ex = exchange(&p, "crm", "mailer", "/v1/customers", &hdr);
@@ -550,21 +646,18 @@ fn consent_from_the_store_for_subjects_the_record_does_not_answer() {
     assert_eq!(c[1]["email"], "b@b.c");
     assert!(c[2].get("email").is_none());
     assert_eq!(c[3]["email"], "d@b.c", "numeric ids are subjects too");
-    let ev: Vec<_> = r
-        .log
-        .fields
-        .iter()
-        .map(|f| f.evidence.clone().unwrap_or_default())
-        .collect();
-    assert_eq!(
-        ev,
-        [
-            "record:$.consents.email_ok",
-            "store",
-            "store:unknown_subject",
-            "store"
-        ]
-    );
+    for (subject, action, evidence) in [
+        ("c-1", "strip", "record:$.consents.email_ok"),
+        ("c-2", "allow", "store"),
+        ("c-3", "strip", "store:unknown_subject"),
+        ("4", "allow", "store"),
+    ] {
+        let d = decision_for(&r.log, "$.customers[*].email", subject);
+        assert_eq!((d.action, d.evidence.as_deref()), (action, Some(evidence)));
+    }
+    // c-2 and 4: one group, two subjects, two decisions.
+    let from_store = decision_for(&r.log, "$.customers[*].email", "4");
+    assert_eq!((from_store.n, &from_store.subjects), (2, &vec![1, 3]));
     // Recipients without a consent purpose never cause a lookup.
     let ex = exchange(&p, "crm", "stats", "/v1/customers", &[]);
     assert!(
@@ -600,12 +693,14 @@ fn headers_and_query_parameters_are_judged_too() {
         v.new_path.as_deref(),
         Some("/v1/customers?email=%5Bredacted%5D&page=2")
     );
-    assert_eq!(v.report.fields.len(), 2);
-    assert!(v
-        .report
-        .fields
-        .iter()
-        .all(|f| f.subject.as_deref().is_some_and(|s| s.starts_with("s1:"))));
+    assert_eq!(v.report.decisions(), 2);
+    let log = p.decision_log(&ex, Direction::Request, &v.report, None, 0);
+    check_record(&log);
+    assert_eq!(log.subjects, [pseudonym("c-1")]);
+    let header = decision_for(&log, "header:x-email", "c-1");
+    assert_eq!((header.action, header.n), ("strip", 1));
+    let query = decision_for(&log, "query:email", "c-1");
+    assert_eq!((query.action, query.n), ("redact", 1));
     // The mailer needs consent for the subject named in x-customer: ask the store.
     let ex = exchange(&p, "crm", "mailer", "/v1/customers?email=a", &h);
     assert_eq!(
@@ -755,23 +850,43 @@ fn the_decision_log_never_holds_a_customer_value() {
         for s in secrets {
             assert!(!text.contains(s), "log for {to} contains {s}: {text}");
         }
-        assert!(r
-            .log
-            .fields
-            .iter()
-            .all(|f| f.subject.as_deref().is_some_and(|s| s.starts_with("s1:"))));
+        assert_eq!(r.log.subjects, [pseudonym("c-secret-id")]);
+        assert!(r.log.decisions.iter().all(|g| g.subjects == [0]));
     }
 }
 
 #[test]
-fn large_batches_keep_the_log_bounded() {
+fn large_batches_are_aggregated_not_cut_short() {
     let p = policy();
     let records: Vec<Value> = (0..300)
         .map(|i| json!({ "id": format!("c-{i}"), "email": "x@y.z", "age": 1 }))
         .collect();
     let r = run(&p, "stats", &batch(Value::Array(records)));
-    assert_eq!(r.log.fields.len(), decision::MAX_LOGGED_FIELDS);
-    assert_eq!(r.log.fields.len() + r.log.fields_omitted, 600);
+    // Every decision is in a group: one per category here, each standing for 300.
+    assert_eq!(r.log.decisions.len(), 2);
+    let all: Vec<usize> = (0..300).collect();
+    let email = decision_for(&r.log, "$.customers[*].email", "c-7");
+    assert_eq!(
+        (
+            email.action,
+            email.reason,
+            email.n,
+            &email.subjects,
+            email.folded
+        ),
+        ("strip", Some(Reason::NoPurpose), 300, &all, 0)
+    );
+    let age = decision_for(&r.log, "$.customers[*].age", "c-299");
+    assert_eq!(
+        (age.action, age.purpose.as_deref(), age.n, &age.subjects),
+        ("allow", Some("analytics.reporting"), 300, &all)
+    );
+    assert_eq!(r.log.subjects.len(), 300);
+    assert_eq!(r.log.subjects[7], pseudonym("c-7"));
+    assert_eq!(r.log.records, 300);
+    let text = r.log.to_json();
+    assert!(text.contains(r#""subjects":"0-299""#), "{text}");
+    assert!(!text.contains("c-7"), "raw subjects are never logged");
     assert_eq!(r.log.counts.get("strip"), Some(&300));
     assert_eq!(r.log.counts.get("allow"), Some(&300));
     // Per category (what the proxy's counters are made of) nothing is cut short.
@@ -901,13 +1016,19 @@ fn ambiguous_json_is_refused_and_spellings_of_a_declared_key_are_judged() {
     let c = r.out["customers"][0].as_object().unwrap();
     assert!(c.keys().all(|k| !k.eq_ignore_ascii_case("email")), "{c:?}");
     assert_eq!(
-        r.log
-            .fields
-            .iter()
-            .filter(|f| f.category == "user.contact.email")
-            .count(),
+        count_where(&r.log, |g| g.category == "user.contact.email"),
         3
     );
+    let email = decision_for(&r.log, "$.customers[*].email", "c-1");
+    assert_eq!(
+        email.paths,
+        [
+            "$.customers[*].email",
+            "$.customers[*].EMAIL",
+            "$.customers[*].Email"
+        ]
+    );
+    assert_eq!((email.action, email.n), ("strip", 3));
 }
 
 #[test]
@@ -970,13 +1091,18 @@ fn the_subject_is_found_in_any_spelling_of_its_key_but_never_guessed() {
     let r = run_with(&p, &ex, Direction::Request, &body, &StoreAnswers::new());
     // One other spelling is the subject; two are ambiguous, so no subject at all.
     assert_eq!(r.store_subjects, vec!["c-1"]);
+    assert_eq!(r.log.subjects, [pseudonym("c-1")]);
+    let c1 = decision_for(&r.log, "$.customers[*].email", "c-1");
+    assert_eq!((c1.evidence.as_deref(), c1.n), (Some("none"), 1));
+    // The second record has no subject: its decision names none.
+    let anonymous: Vec<_> = groups_at(&r.log, "$.customers[*].email")
+        .into_iter()
+        .filter(|g| g.subjects.is_empty())
+        .collect();
+    assert_eq!(anonymous.len(), 1, "{}", r.log.to_json());
     assert_eq!(
-        r.log
-            .fields
-            .iter()
-            .find(|f| f.path == "$.customers[1].email")
-            .and_then(|f| f.evidence.as_deref()),
-        Some("none:no_subject")
+        (anonymous[0].evidence.as_deref(), anonymous[0].n),
+        (Some("none:no_subject"), 1)
     );
 }
 
@@ -988,7 +1114,8 @@ fn the_consent_cache_is_bounded_and_keyed_by_pseudonym() {
         .collect();
     assert!(slots.len() as u64 <= eval::CONSENT_CACHE_SLOTS);
     let (key, id) = p.cache_slot("c-secret");
-    assert!(!key.contains("c-secret") && !id.contains("c-secret") && id.starts_with("s1:"));
+    assert!(!key.contains("c-secret") && !id.contains("c-secret") && id.starts_with("s2:"));
+    assert_eq!(id, pseudonym("c-secret"));
 }
 
 // --- Deciding at headers: recipients that may have everything ---
@@ -1061,10 +1188,8 @@ fn every_field_logging_or_undeclared_strip_reads_every_body() {
 fn an_unread_message_is_logged_with_its_grants() {
     let p = policy();
     let ex = exchange(&p, "gateway", "crm", "/v1/customers", &[]);
-    let report = Report {
-        unread: unread(&p, "crm"),
-        ..Report::default()
-    };
+    let mut report = Report::default();
+    report.unread = unread(&p, "crm");
     let log = p.decision_log(&ex, Direction::Request, &report, None, 0);
     // Logged only with log.untouched: the policy alone let it through.
     assert!(!log.touched());
@@ -1079,4 +1204,103 @@ fn an_unread_message_is_logged_with_its_grants() {
     let read = p.decision_log(&ex, Direction::Request, &Report::default(), None, 0);
     let v: Value = serde_json::from_str(&read.to_json()).unwrap();
     assert!(v.get("inspected").is_none() && v.get("allowed_categories").is_none());
+}
+
+#[test]
+fn a_record_lists_a_bounded_number_of_path_templates_and_counts_the_rest() {
+    let p = compile(&policy_json(json!({ "undeclared": "strip" })));
+    let mut rec = serde_json::Map::new();
+    rec.insert("id".into(), json!("c-1"));
+    for i in 0..300 {
+        rec.insert(format!("k{i}"), json!(i));
+    }
+    let r = run(&p, "crm", &batch(json!([Value::Object(rec)])));
+    let d = decision_for(&r.log, "$.customers[*].id", "c-1");
+    assert_eq!((d.action, d.reason), ("strip", Some(Reason::Undeclared)));
+    assert_eq!(d.n, 301, "every decision is counted");
+    assert_eq!(d.paths.len(), MAX_LOGGED_PATHS);
+    assert_eq!(
+        d.folded,
+        301 - MAX_LOGGED_PATHS,
+        "and the unlisted ones said"
+    );
+    assert!(r
+        .log
+        .to_json()
+        .contains(&format!(r#""folded":{}"#, 301 - MAX_LOGGED_PATHS)));
+}
+
+#[test]
+fn the_headers_and_the_body_of_one_message_make_one_record() {
+    let p = policy();
+    let h = [("x-email", "ann@example.com"), ("x-customer", "c-2")];
+    let ex = exchange(&p, "crm", "stats", "/v1/customers", &h);
+    let headers: Vec<(String, String)> = h
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut report = p
+        .judge_headers(&ex, Direction::Request, &headers, &StoreAnswers::new())
+        .report;
+    let body = batch(json!([{ "id": "c-1", "email": "a@b.c" }, { "id": "c-2", "email": "b@b.c" }]));
+    let bytes = body.to_string();
+    let plan = p
+        .plan_body(
+            &ex,
+            Direction::Request,
+            Some("application/json"),
+            None,
+            bytes.as_bytes(),
+        )
+        .unwrap();
+    report.merge(
+        p.judge_body(&ex, Direction::Request, plan, &StoreAnswers::new())
+            .report,
+    );
+    let log = p.decision_log(&ex, Direction::Request, &report, None, 0);
+    check_record(&log);
+    // Subjects in first-seen order, each once: the header's c-2, then c-1.
+    assert_eq!(log.subjects, ["c-2", "c-1"].map(pseudonym));
+    assert_eq!(log.decisions.len(), 1, "{}", log.to_json());
+    let email = &log.decisions[0];
+    assert_eq!(
+        (email.category.as_str(), email.action, email.reason),
+        ("user.contact.email", "strip", Some(Reason::NoPurpose))
+    );
+    assert_eq!(email.paths, ["header:x-email", "$.customers[*].email"]);
+    assert_eq!((email.n, &email.subjects), (3, &vec![0, 1]));
+    assert_eq!(log.records, 2);
+    assert_eq!(log.counts.get("strip"), Some(&3));
+    assert_eq!(
+        log.category_counts,
+        [("user.contact.email".to_string(), "strip", 3)]
+    );
+}
+
+#[test]
+fn exact_paths_name_each_element_for_tools_and_tests() {
+    let p = policy().with_exact_paths();
+    let body = batch(json!([{ "id": "c-1", "email": "a@b.c" }, { "id": "c-2", "email": "b@b.c" }]));
+    let r = run_exact(&p, &body);
+    assert_eq!(
+        r.decisions[0].paths,
+        ["$.customers[0].email", "$.customers[1].email"]
+    );
+    assert_eq!(r.decisions[0].n, 2);
+}
+
+fn run_exact(p: &Policy, body: &Value) -> DecisionLog {
+    let ex = exchange(p, "crm", "stats", "/v1/customers", &[]);
+    let bytes = body.to_string();
+    let plan = p
+        .plan_body(
+            &ex,
+            Direction::Request,
+            Some("application/json"),
+            None,
+            bytes.as_bytes(),
+        )
+        .unwrap();
+    let v = p.judge_body(&ex, Direction::Request, plan, &StoreAnswers::new());
+    p.decision_log(&ex, Direction::Request, &v.report, None, 0)
 }

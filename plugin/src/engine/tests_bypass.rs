@@ -189,10 +189,12 @@ fn the_decision_log_names_the_canonical_path_up_to_its_prefix() {
 }
 
 /// `:path` after judging the request's query (`None`: unchanged).
-fn judged_path(p: &Policy, to: &str, path: &str) -> (Option<String>, Report) {
+fn judged_path(p: &Policy, to: &str, path: &str) -> (Option<String>, DecisionLog) {
     let ex = exchange(p, "crm", to, path, &[]);
     let v = p.judge_headers(&ex, Direction::Request, &[], &StoreAnswers::new());
-    (v.new_path, v.report)
+    let log = p.decision_log(&ex, Direction::Request, &v.report, None, 0);
+    super::tests::check_record(&log);
+    (v.new_path, log)
 }
 
 #[test]
@@ -224,20 +226,22 @@ fn query_parameters_are_judged_in_every_spelling_frameworks_read() {
             "{query}"
         );
         assert!(
-            !report.fields.is_empty()
+            !report.decisions.is_empty()
                 && report
-                    .fields
+                    .decisions
                     .iter()
-                    .all(|f| f.path == "query:email" && f.action == "redact"),
+                    .all(|g| g.paths == ["query:email"] && g.action == "redact"),
             "{query}: {:?}",
-            report.fields
+            report.decisions
         );
+        let n = expected.matches("%5Bredacted%5D").count();
+        assert_eq!(report.counts.get("redact"), Some(&n), "{query}");
     }
     // Not the bound parameter.
     for query in ["emails=a", "x_email=a", "page=1"] {
         let (path, report) = judged_path(&p, "stats", &format!("/v1/customers?{query}"));
         assert_eq!(path, None, "{query}");
-        assert!(report.fields.is_empty(), "{query}");
+        assert!(report.decisions.is_empty(), "{query}");
     }
     // A recipient that may have the e-mail gets every spelling unchanged.
     let (path, report) = judged_path(&p, "crm", "/v1/customers?EMAIL=a;email[]=b");
@@ -324,10 +328,13 @@ fn a_bound_header_is_judged_on_every_instance_and_spelling() {
         ]
     );
     assert_eq!(
-        v.report.counts.get("strip"),
+        v.report.counts().get("strip"),
         Some(&1),
         "one decision for the header"
     );
+    let log = p.decision_log(&ex, Direction::Request, &v.report, None, 0);
+    assert_eq!(log.decisions.len(), 1);
+    assert_eq!(log.decisions[0].paths, ["header:x-email"]);
 }
 
 fn mesh_policy() -> Policy {

@@ -7,10 +7,11 @@
 
 use super::compile::{Action, CBinding, Policy};
 use super::consent::StoreAnswers;
-use super::decision::{FieldDecision, Reason};
+use super::decision::Reason;
 use super::encoding;
 use super::eval::{
-    BodyVerdict, Exchange, Judge, Report, Uninspectable, UninspectableKind, Verdict, UNDECLARED,
+    push_index, BodyVerdict, Exchange, FieldKey, Judge, Report, Uninspectable, UninspectableKind,
+    Verdict, UNDECLARED,
 };
 use super::matcher::Cursor;
 use super::policy::{ShapeMismatch, Undeclared};
@@ -179,6 +180,19 @@ fn path_string(path: &[PathElem]) -> String {
     s
 }
 
+/// The path template of a record: [`path_string`] with every index written `[*]`
+/// (with [`Policy::exact_paths`], as written).
+fn path_template(path: &[PathElem], exact: bool) -> String {
+    let mut s = String::from("$");
+    for e in path {
+        match e {
+            PathElem::Key(k) => push_edge(&mut s, Edge::Key(k)),
+            PathElem::Index(i) => push_index(&mut s, *i, exact),
+        }
+    }
+    s
+}
+
 /// Walks one record, deciding and applying as it goes.
 struct RecordWalk<'a, 'r> {
     judge: Judge<'a>,
@@ -220,14 +234,12 @@ impl RecordWalk<'_, '_> {
                 } else {
                     worst.map(Action::as_str).unwrap_or("strip")
                 };
-                let category = &policy.categories[field.category];
                 if !v.allowed && action == "block" {
+                    let category = &policy.categories[field.category];
                     self.report.blocked.insert(category.clone());
                 }
-                let judge = &self.judge;
-                self.report.record(field.category, action, || {
-                    judge.decision(path.clone(), category, action, v)
-                });
+                let key = self.judge.decision(field.category, action, v);
+                self.report.record(key, path, self.judge.subject);
             }
             if let Some(action) = worst {
                 if *action != Action::Block {
@@ -240,17 +252,14 @@ impl RecordWalk<'_, '_> {
         let undeclared_strip = policy.undeclared == Undeclared::Strip && !covered;
         let is_container = matches!(node, Value::Object(_) | Value::Array(_));
         if undeclared_strip && (state.is_dead() || !is_container) {
-            let judge = &self.judge;
-            self.report.record(UNDECLARED, "strip", || FieldDecision {
-                path: path.clone(),
-                category: "undeclared".into(),
+            let key = FieldKey {
+                category: UNDECLARED,
                 action: "strip",
                 reason: Some(Reason::Undeclared),
                 purpose: None,
-                basis: None,
                 evidence: None,
-                subject: judge.pseudonym(),
-            });
+            };
+            self.report.record(key, path, self.judge.subject);
             self.changed = true;
             return false;
         }
@@ -280,7 +289,7 @@ impl RecordWalk<'_, '_> {
                         true
                     } else {
                         let len = path.len();
-                        push_edge(path, Edge::Index(i, n));
+                        push_index(path, i, policy.exact_paths);
                         let keep = self.visit(child, &next, covered, path);
                         path.truncate(len);
                         keep
@@ -482,8 +491,8 @@ impl Policy {
             };
             let mut judge = Judge::new(self, ex, direction, rec.subject.as_deref(), store);
             judge.record_consent = rec.consent.as_ref();
-            judge.record_consent_path = binding.consent.as_ref().map(|s| s.source.as_str());
-            let mut path = path_string(&rec.path);
+            verdict.report.records += 1;
+            let mut path = path_template(&rec.path, self.exact_paths);
             let mut walk = RecordWalk {
                 judge,
                 binding,
