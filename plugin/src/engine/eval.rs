@@ -217,6 +217,11 @@ struct Group {
     subjects: Vec<u32>,
 }
 
+/// Maps keyed by what the policy decides (group keys, template ids), never by traffic
+/// alone, need no SipHash: the matcher's cheap hasher. Subjects and templates, which
+/// traffic spells, keep the default.
+type PolicyKeyed = std::hash::BuildHasherDefault<super::matcher::SetHasher>;
+
 /// The field decisions of one message, aggregated as they are recorded: groups by
 /// [`FieldKey`], path templates and raw subjects interned. Nothing is built per field
 /// beyond a few hash look-ups; names, evidence strings and subject pseudonyms are made
@@ -226,9 +231,9 @@ struct Group {
 pub struct Report {
     groups: Vec<Group>,
     /// (key, path template id) -> (group, slot in the group's `paths`).
-    slots: HashMap<(FieldKey, u32), (u32, u32)>,
+    slots: HashMap<(FieldKey, u32), (u32, u32), PolicyKeyed>,
     /// Group by key (for decisions whose path is folded, and for merges).
-    by_key: HashMap<FieldKey, u32>,
+    by_key: HashMap<FieldKey, u32, PolicyKeyed>,
     paths: Vec<String>,
     path_ids: HashMap<String, u32>,
     subjects: Vec<String>,

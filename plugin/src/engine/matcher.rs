@@ -657,7 +657,7 @@ fn adds<K>(groups: &[(K, Vec<u32>)]) -> usize {
 /// no second hashing by SipHash. The sets come from the policy, not from traffic, so
 /// they need no protection from chosen collisions.
 #[derive(Default)]
-struct SetHasher(u64);
+pub(crate) struct SetHasher(u64);
 
 impl Hasher for SetHasher {
     fn write(&mut self, bytes: &[u8]) {

@@ -1223,16 +1223,21 @@ impl Walk<'_, '_, '_, '_> {
         let complete = matcher.complete(state);
         if !complete.is_empty() {
             let mut worst: Option<&Action> = None;
-            let mut pending = Vec::with_capacity(complete.len());
+            // One field per node is the common case: it needs no vector.
+            let mut one = None;
+            let mut more = Vec::new();
             for &f in complete {
                 let field = &self.binding.fields[f as usize];
                 let v = self.judge.decide(field.category);
                 if !v.allowed && worst.is_none_or(|w| field.action.severity() > w.severity()) {
                     worst = Some(&field.action);
                 }
-                pending.push((f as usize, v));
+                match one {
+                    None => one = Some((f as usize, v)),
+                    Some(_) => more.push((f as usize, v)),
+                }
             }
-            for (f, v) in &pending {
+            for (f, v) in one.iter().chain(&more) {
                 let field = &self.binding.fields[*f];
                 let action = if v.allowed {
                     "allow"
