@@ -244,8 +244,8 @@ pub struct Policy {
     /// declares under a purpose whose legal basis holds whatever the consent, that
     /// purpose for each category, `(category, purpose)`; such messages need no reading.
     pub(crate) open: Vec<Vec<Option<OpenGrants>>>,
-    pub(crate) hash_key: Option<Vec<u8>>,
-    pub(crate) subject_key: Option<Vec<u8>>,
+    pub(crate) hash_key: Option<super::actions::MacKey>,
+    pub(crate) subject_key: Option<super::actions::MacKey>,
     /// Decision records name each field by its concrete path (`$.customers[3].email`)
     /// instead of its template (`$.customers[*].email`): see [`Policy::with_exact_paths`].
     pub(crate) exact_paths: bool,
@@ -788,8 +788,8 @@ impl Policy {
             store,
             bindings,
             open,
-            hash_key,
-            subject_key,
+            hash_key: hash_key.map(|k| super::actions::MacKey::new(&k)),
+            subject_key: subject_key.map(|k| super::actions::MacKey::new(&k)),
         })
     }
 

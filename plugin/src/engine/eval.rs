@@ -1,7 +1,7 @@
 //! The per-message path: identify the parties, find the records, decide every field,
 //! apply the actions. Nothing here parses the policy or a JSONPath again.
 
-use super::actions::{hash_value, mask_value, percent_decode, percent_encode, subject_pseudonym};
+use super::actions::{hash_value, mask_value, percent_decode, percent_encode, pseudonym};
 use super::compile::{param_is, Action, CBinding, CNamed, Policy};
 use super::consent::{granted, ConsentAnswer, HeaderConsent, StoreAnswers};
 use super::decision::{
@@ -857,7 +857,7 @@ impl Policy {
     /// shared memory, and a slot taken over by another subject is simply a miss.
     pub fn cache_slot(&self, subject: &str) -> (String, String) {
         let id = match &self.subject_key {
-            Some(k) => subject_pseudonym(k, subject),
+            Some(k) => pseudonym(k, subject),
             None => subject.to_string(),
         };
         let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -1352,11 +1352,7 @@ impl Policy {
     ) -> (Vec<String>, Vec<DecisionGroup>) {
         // Without a subject key no pseudonym can be made, and raw ids are never logged.
         let subjects: Vec<String> = match &self.subject_key {
-            Some(k) => report
-                .subjects
-                .iter()
-                .map(|s| subject_pseudonym(k, s))
-                .collect(),
+            Some(k) => report.subjects.iter().map(|s| pseudonym(k, s)).collect(),
             None => Vec::new(),
         };
         let consent_path = ex
