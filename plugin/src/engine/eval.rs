@@ -584,6 +584,50 @@ impl<'a> Judge<'a> {
         }
     }
 
+    /// Decides a node that the fields `complete` (indexes into the binding's fields, in
+    /// field order) select, records each field's decision, and returns the action to
+    /// apply: the most severe of the denying fields' actions, or `None` when every field
+    /// allows the node. Both walks, the streaming one and the tree oracle, decide a node
+    /// here; they differ only in how they read and change it.
+    pub(crate) fn decide_node<'b>(
+        &self,
+        binding: &'b CBinding,
+        complete: &[u32],
+        path: &str,
+        report: &mut Report,
+    ) -> Option<&'b Action> {
+        let mut worst: Option<&Action> = None;
+        // One field per node is the common case: it needs no vector.
+        let mut one = None;
+        let mut more = Vec::new();
+        for &f in complete {
+            let field = &binding.fields[f as usize];
+            let v = self.decide(field.category);
+            if !v.allowed && worst.is_none_or(|w| field.action.severity() > w.severity()) {
+                worst = Some(&field.action);
+            }
+            match one {
+                None => one = Some((f as usize, v)),
+                Some(_) => more.push((f as usize, v)),
+            }
+        }
+        for (f, v) in one.iter().chain(&more) {
+            let field = &binding.fields[*f];
+            let action = if v.allowed {
+                "allow"
+            } else {
+                worst.map(Action::as_str).unwrap_or("strip")
+            };
+            if !v.allowed && action == "block" {
+                report
+                    .blocked
+                    .insert(self.policy.categories[field.category].clone());
+            }
+            report.record(self.decision(field.category, action, v), path, self.subject);
+        }
+        worst
+    }
+
     /// Applies `action` to `node`; returns whether the node must be removed. `null`
     /// holds no personal data: every action but `strip` leaves it as it is.
     pub(crate) fn apply(&self, node: &mut Value, action: &Action) -> bool {

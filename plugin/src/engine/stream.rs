@@ -546,66 +546,11 @@ impl<'b> Scanner<'b, '_> {
     fn plain(&mut self, depth: usize) -> Result<Kind, ScanError> {
         match self.b.get(self.i) {
             Some(b'{') => {
-                self.open(depth)?;
-                let keys_from = self.keys.len();
-                let mut members = 0usize;
-                self.ws();
-                if self.b.get(self.i) == Some(&b'}') {
-                    self.i += 1;
-                } else {
-                    loop {
-                        self.ws();
-                        if self.b.get(self.i) != Some(&b'"') {
-                            return Err(self.malformed("expected a string as an object key"));
-                        }
-                        let raw = self.string()?;
-                        self.check_duplicate(keys_from, raw)?;
-                        self.ws();
-                        if self.b.get(self.i) != Some(&b':') {
-                            return Err(self.malformed("expected `:` after an object key"));
-                        }
-                        self.i += 1;
-                        self.ws();
-                        members += 1;
-                        self.plain(depth + 1)?;
-                        self.ws();
-                        match self.b.get(self.i) {
-                            Some(b',') => self.i += 1,
-                            Some(b'}') => {
-                                self.i += 1;
-                                break;
-                            }
-                            _ => return Err(self.malformed("expected `,` or `}` in an object")),
-                        }
-                    }
-                }
-                self.keys.truncate(keys_from);
-                Ok(Kind::Object {
-                    empty: members == 0,
-                })
+                let n = self.members(depth, |s, _| s.plain(depth + 1).map(drop))?;
+                Ok(Kind::Object { empty: n == 0 })
             }
             Some(b'[') => {
-                self.open(depth)?;
-                let mut n = 0usize;
-                self.ws();
-                if self.b.get(self.i) == Some(&b']') {
-                    self.i += 1;
-                } else {
-                    loop {
-                        self.ws();
-                        self.plain(depth + 1)?;
-                        n += 1;
-                        self.ws();
-                        match self.b.get(self.i) {
-                            Some(b',') => self.i += 1,
-                            Some(b']') => {
-                                self.i += 1;
-                                break;
-                            }
-                            _ => return Err(self.malformed("expected `,` or `]` in an array")),
-                        }
-                    }
-                }
+                let n = self.elements(depth, |s, _| s.plain(depth + 1).map(drop))?;
                 Ok(Kind::Array { empty: n == 0 })
             }
             Some(b'"') => self.string().map(|_| Kind::Scalar),
@@ -616,6 +561,82 @@ impl<'b> Scanner<'b, '_> {
             Some(_) => Err(self.malformed("expected a JSON value")),
             None => Err(self.malformed("the body ends where a value was expected")),
         }
+    }
+
+    /// Reads the object at `self.i` (its `{`): checks the punctuation and that no key
+    /// repeats, and hands each key to `member`, which must read the value that follows.
+    /// Returns the number of members.
+    fn members(
+        &mut self,
+        depth: usize,
+        mut member: impl FnMut(&mut Self, Raw) -> Result<(), ScanError>,
+    ) -> Result<usize, ScanError> {
+        self.open(depth)?;
+        let keys_from = self.keys.len();
+        let mut n = 0usize;
+        self.ws();
+        if self.b.get(self.i) == Some(&b'}') {
+            self.i += 1;
+        } else {
+            loop {
+                self.ws();
+                if self.b.get(self.i) != Some(&b'"') {
+                    return Err(self.malformed("expected a string as an object key"));
+                }
+                let raw = self.string()?;
+                self.check_duplicate(keys_from, raw)?;
+                self.ws();
+                if self.b.get(self.i) != Some(&b':') {
+                    return Err(self.malformed("expected `:` after an object key"));
+                }
+                self.i += 1;
+                self.ws();
+                n += 1;
+                member(self, raw)?;
+                self.ws();
+                match self.b.get(self.i) {
+                    Some(b',') => self.i += 1,
+                    Some(b'}') => {
+                        self.i += 1;
+                        break;
+                    }
+                    _ => return Err(self.malformed("expected `,` or `}` in an object")),
+                }
+            }
+        }
+        self.keys.truncate(keys_from);
+        Ok(n)
+    }
+
+    /// Reads the array at `self.i` (its `[`): checks the punctuation and hands each
+    /// element's index to `element`, which must read it. Returns the number of elements.
+    fn elements(
+        &mut self,
+        depth: usize,
+        mut element: impl FnMut(&mut Self, usize) -> Result<(), ScanError>,
+    ) -> Result<usize, ScanError> {
+        self.open(depth)?;
+        let mut n = 0usize;
+        self.ws();
+        if self.b.get(self.i) == Some(&b']') {
+            self.i += 1;
+        } else {
+            loop {
+                self.ws();
+                element(self, n)?;
+                n += 1;
+                self.ws();
+                match self.b.get(self.i) {
+                    Some(b',') => self.i += 1,
+                    Some(b']') => {
+                        self.i += 1;
+                        break;
+                    }
+                    _ => return Err(self.malformed("expected `,` or `]` in an array")),
+                }
+            }
+        }
+        Ok(n)
     }
 
     fn leaf(&self, kind: Kind) -> Node {
@@ -711,63 +732,35 @@ impl<'b> Scanner<'b, '_> {
     }
 
     fn object(&mut self, depth: usize, at: &At, pre_here: &[usize]) -> Result<Node, ScanError> {
-        self.open(depth)?;
-        let keys_from = self.keys.len();
         let on_records_path = !at.rec.is_empty();
         let (mut sub, mut con) = (Singular::default(), Singular::default());
-        let (mut members, mut selected, mut all_empty) = (0usize, 0usize, true);
-        self.ws();
-        if self.b.get(self.i) == Some(&b'}') {
-            self.i += 1;
-        } else {
-            loop {
-                self.ws();
-                if self.b.get(self.i) != Some(&b'"') {
-                    return Err(self.malformed("expected a string as an object key"));
-                }
-                let raw = self.string()?;
-                self.check_duplicate(keys_from, raw)?;
-                self.ws();
-                if self.b.get(self.i) != Some(&b':') {
-                    return Err(self.malformed("expected `:` after an object key"));
-                }
-                self.i += 1;
-                self.ws();
-                members += 1;
-                let b = self.b;
-                let key = decode(b, raw);
-                let child_at = self.child_at(at, Edge::Key(&key), Some(&key), pre_here);
-                let exact = |sel: &Option<Selector>, pos: Option<usize>| matches!(singular_atom(sel.as_ref(), pos), Some(Atom::Name(n)) if *n == *key);
-                let sub_exact = exact(&self.binding.subject, at.sub);
-                let con_exact = exact(&self.binding.consent, at.con);
-                let (has_sub, has_con) = (child_at.sub.is_some(), child_at.con.is_some());
-                let child_on_path = !child_at.rec.is_empty();
-                drop(key);
-                self.path.push(PathEdge::Key(raw));
-                let child = self.value(depth + 1, &child_at)?;
-                self.path.pop();
-                if has_sub {
-                    sub.add(sub_exact, child.sub);
-                }
-                if has_con {
-                    con.add(con_exact, child.con);
-                }
-                if child_on_path {
-                    selected += 1;
-                    all_empty &= child.batch_empty;
-                }
-                self.ws();
-                match self.b.get(self.i) {
-                    Some(b',') => self.i += 1,
-                    Some(b'}') => {
-                        self.i += 1;
-                        break;
-                    }
-                    _ => return Err(self.malformed("expected `,` or `}` in an object")),
-                }
+        let (mut selected, mut all_empty) = (0usize, true);
+        let members = self.members(depth, |s, raw| {
+            let b = s.b;
+            let key = decode(b, raw);
+            let child_at = s.child_at(at, Edge::Key(&key), Some(&key), pre_here);
+            let exact = |sel: &Option<Selector>, pos: Option<usize>| {
+                matches!(singular_atom(sel.as_ref(), pos), Some(Atom::Name(n)) if *n == *key)
+            };
+            let sub_exact = exact(&s.binding.subject, at.sub);
+            let con_exact = exact(&s.binding.consent, at.con);
+            let (has_sub, has_con) = (child_at.sub.is_some(), child_at.con.is_some());
+            let child_on_path = !child_at.rec.is_empty();
+            s.path.push(PathEdge::Key(raw));
+            let child = s.value(depth + 1, &child_at)?;
+            s.path.pop();
+            if has_sub {
+                sub.add(sub_exact, child.sub);
             }
-        }
-        self.keys.truncate(keys_from);
+            if has_con {
+                con.add(con_exact, child.con);
+            }
+            if child_on_path {
+                selected += 1;
+                all_empty &= child.batch_empty;
+            }
+            Ok(())
+        })?;
         Ok(Node {
             kind: Kind::Object {
                 empty: members == 0,
@@ -784,44 +777,28 @@ impl<'b> Scanner<'b, '_> {
         } else {
             0
         };
-        self.open(depth)?;
         let on_records_path = !at.rec.is_empty();
         let (mut sub, mut con) = (None, None);
-        let (mut n, mut selected, mut all_empty) = (0usize, 0usize, true);
-        self.ws();
-        if self.b.get(self.i) == Some(&b']') {
-            self.i += 1;
-        } else {
-            loop {
-                self.ws();
-                let child_at = self.child_at(at, Edge::Index(n, len), None, pre_here);
-                let (has_sub, has_con) = (child_at.sub.is_some(), child_at.con.is_some());
-                let child_on_path = !child_at.rec.is_empty();
-                self.path.push(PathEdge::Index(n));
-                let child = self.value(depth + 1, &child_at)?;
-                self.path.pop();
-                n += 1;
-                if has_sub {
-                    sub = child.sub;
-                }
-                if has_con {
-                    con = child.con;
-                }
-                if child_on_path {
-                    selected += 1;
-                    all_empty &= child.batch_empty;
-                }
-                self.ws();
-                match self.b.get(self.i) {
-                    Some(b',') => self.i += 1,
-                    Some(b']') => {
-                        self.i += 1;
-                        break;
-                    }
-                    _ => return Err(self.malformed("expected `,` or `]` in an array")),
-                }
+        let (mut selected, mut all_empty) = (0usize, true);
+        let n = self.elements(depth, |s, i| {
+            let child_at = s.child_at(at, Edge::Index(i, len), None, pre_here);
+            let (has_sub, has_con) = (child_at.sub.is_some(), child_at.con.is_some());
+            let child_on_path = !child_at.rec.is_empty();
+            s.path.push(PathEdge::Index(i));
+            let child = s.value(depth + 1, &child_at)?;
+            s.path.pop();
+            if has_sub {
+                sub = child.sub;
             }
-        }
+            if has_con {
+                con = child.con;
+            }
+            if child_on_path {
+                selected += 1;
+                all_empty &= child.batch_empty;
+            }
+            Ok(())
+        })?;
         Ok(Node {
             kind: Kind::Array { empty: n == 0 },
             sub,
@@ -1222,35 +1199,12 @@ impl Walk<'_, '_, '_, '_> {
         let matcher = &self.binding.matcher;
         let complete = matcher.complete(state);
         if !complete.is_empty() {
-            let mut worst: Option<&Action> = None;
-            // One field per node is the common case: it needs no vector.
-            let mut one = None;
-            let mut more = Vec::new();
-            for &f in complete {
-                let field = &self.binding.fields[f as usize];
-                let v = self.judge.decide(field.category);
-                if !v.allowed && worst.is_none_or(|w| field.action.severity() > w.severity()) {
-                    worst = Some(&field.action);
-                }
-                match one {
-                    None => one = Some((f as usize, v)),
-                    Some(_) => more.push((f as usize, v)),
-                }
-            }
-            for (f, v) in one.iter().chain(&more) {
-                let field = &self.binding.fields[*f];
-                let action = if v.allowed {
-                    "allow"
-                } else {
-                    worst.map(Action::as_str).unwrap_or("strip")
-                };
-                if !v.allowed && action == "block" {
-                    let category = &policy.categories[field.category];
-                    self.report.blocked.insert(category.clone());
-                    self.w.stopped = true;
-                }
-                let key = self.judge.decision(field.category, action, v);
-                self.report.record(key, path, self.judge.subject);
+            let worst = self
+                .judge
+                .decide_node(self.binding, complete, path, self.report);
+            if worst == Some(&Action::Block) {
+                // The message will not be sent: nothing more need be written.
+                self.w.stopped = true;
             }
             if let Some(action) = worst {
                 return self.apply(action);

@@ -11,7 +11,7 @@ use super::decision::Reason;
 use super::encoding;
 use super::eval::{
     push_index, BodyVerdict, Exchange, FieldKey, Judge, Report, Uninspectable, UninspectableKind,
-    Verdict, UNDECLARED,
+    UNDECLARED,
 };
 use super::matcher::Cursor;
 use super::policy::{ShapeMismatch, Undeclared};
@@ -212,35 +212,12 @@ impl RecordWalk<'_, '_> {
     ) -> bool {
         let policy = self.judge.policy;
         let matcher = &self.binding.matcher;
-        let mut worst: Option<&Action> = None;
-        let mut matched_any = false;
-        let mut pending: Vec<(usize, Verdict)> = Vec::new();
         // The fields whose selectors select this node, in field order, each once.
-        for &f in matcher.complete(state) {
-            let f = f as usize;
-            let field = &self.binding.fields[f];
-            matched_any = true;
-            let v = self.judge.decide(field.category);
-            if !v.allowed && worst.is_none_or(|w| field.action.severity() > w.severity()) {
-                worst = Some(&field.action);
-            }
-            pending.push((f, v));
-        }
-        if matched_any {
-            for (f, v) in &pending {
-                let field = &self.binding.fields[*f];
-                let action = if v.allowed {
-                    "allow"
-                } else {
-                    worst.map(Action::as_str).unwrap_or("strip")
-                };
-                if !v.allowed && action == "block" {
-                    let category = &policy.categories[field.category];
-                    self.report.blocked.insert(category.clone());
-                }
-                let key = self.judge.decision(field.category, action, v);
-                self.report.record(key, path, self.judge.subject);
-            }
+        let complete = matcher.complete(state);
+        if !complete.is_empty() {
+            let worst = self
+                .judge
+                .decide_node(self.binding, complete, path, self.report);
             if let Some(action) = worst {
                 if *action != Action::Block {
                     self.changed = true;
