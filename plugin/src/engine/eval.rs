@@ -1206,16 +1206,32 @@ impl Policy {
             refusal.tolerated = binding.shape_mismatch == ShapeMismatch::Pass;
             return Err(refusal);
         }
-        for rec in &scanned.records {
-            if let Some(s) = &rec.subject {
-                if !plan.store_subjects.contains(s)
-                    && self.needs_store(ex, direction, s, rec.consent.as_ref())
-                {
-                    plan.store_subjects.push(s.clone());
+        let mut records = scanned.records;
+        // A record's consent object is read only for a recipient with a consent purpose
+        // (the decisions and store lookups of any other never look at it): parsed for
+        // those alone.
+        let reads_consent = ex
+            .recipient(direction)
+            .service
+            .is_some_and(|s| self.services[s.0].has_consent_purpose);
+        if reads_consent {
+            let mut asked = std::collections::HashSet::new();
+            for rec in &mut records {
+                rec.consent = rec
+                    .consent_span
+                    .and_then(|(s, e)| serde_json::from_slice::<Value>(&body[s..e]).ok())
+                    .filter(Value::is_object);
+                if let Some(s) = &rec.subject {
+                    if !asked.contains(s.as_str())
+                        && self.needs_store(ex, direction, s, rec.consent.as_ref())
+                    {
+                        asked.insert(s.as_str());
+                        plan.store_subjects.push(s.clone());
+                    }
                 }
             }
         }
-        plan.records = scanned.records;
+        plan.records = records;
         plan.codings = codings;
         plan.body = body.into_owned();
         Ok(plan)

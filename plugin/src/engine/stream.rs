@@ -68,7 +68,10 @@ pub(crate) struct Record {
     /// `Policy::exact_paths`, the path itself).
     pub template: String,
     pub subject: Option<String>,
-    /// The record's consent object, when its consent selector finds an object.
+    /// Where the record's consent object is, when its consent selector finds an object.
+    pub consent_span: Option<(usize, usize)>,
+    /// That object, parsed (by `Policy::plan_body`, and only for a recipient that has
+    /// a consent purpose: no other decision looks at it).
     pub consent: Option<Value>,
     kind: Kind,
 }
@@ -660,10 +663,8 @@ impl<'b> Scanner<'b, '_> {
         }
         let b = self.b;
         let subject = node.sub.and_then(|(s, e)| subject_text(&b[s..e]));
-        let consent = node
-            .con
-            .and_then(|(s, e)| serde_json::from_slice::<Value>(&b[s..e]).ok())
-            .filter(Value::is_object);
+        // An object only: anything else answers no consent key.
+        let consent_span = node.con.filter(|&(s, _)| b.get(s) == Some(&b'{'));
         let mut path = String::from("$");
         let mut template = String::from("$");
         for edge in &self.path {
@@ -685,7 +686,8 @@ impl<'b> Scanner<'b, '_> {
             path,
             template,
             subject,
-            consent,
+            consent_span,
+            consent: None,
             kind: node.kind,
         });
     }
