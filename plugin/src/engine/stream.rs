@@ -1427,7 +1427,8 @@ fn value_text<'b>(b: &'b [u8], start: usize, end: usize) -> Cow<'b, str> {
 }
 
 impl Record {
-    /// Why this record cannot be judged by a binding that declares fields of objects.
+    /// Whether a binding can judge this record: an object or `null`, or an array that is
+    /// empty or judged by selectors that do not start with a name.
     pub(crate) fn shape_ok(&self, records_are_objects: bool) -> bool {
         match self.kind {
             Kind::Null | Kind::Object { .. } => true,
