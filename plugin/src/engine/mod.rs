@@ -12,6 +12,9 @@
 //!    [`Policy::judge_headers`] / [`Policy::judge_body`] decide and produce the changes.
 //! 4. [`Policy::decision_log`] turns the verdicts of one message into its log entry, the
 //!    decision record v2 ([`DecisionLog`]).
+//!
+//! [`machine::Machine`] runs that sequence for one exchange as a sans-IO state machine
+//! (events in, actions out); the proxy-wasm glue only translates callbacks and host calls.
 
 mod actions;
 mod compile;
@@ -20,6 +23,7 @@ mod decision;
 mod encoding;
 mod eval;
 mod jsonpath;
+pub mod machine;
 mod matcher;
 pub mod policy;
 pub mod route;
@@ -85,3 +89,5 @@ pub struct BindingId(pub(crate) usize);
 mod tests;
 #[cfg(test)]
 mod tests_bypass;
+#[cfg(test)]
+mod tests_machine;
