@@ -178,6 +178,15 @@ def test_start_to_ready(smoke):
         assert len(ts) == 1 and all(positive(t) for t in ts), (name, ts)
 
 
+def test_memory(smoke):
+    doc, md, _out = smoke
+    assert set(doc["memory_kib"]) == set(CONFIGS)
+    for name, m in doc["memory_kib"].items():
+        assert set(m) == {"ready_kib", "peak_kib"}, (name, m)
+        assert 0 < m["ready_kib"] <= m["peak_kib"], (name, m)
+    assert "Proxy memory (resident" in md
+
+
 def test_markdown_report(smoke):
     doc, md, stdout = smoke
     # print() ends the printed report with one more newline than the file.
