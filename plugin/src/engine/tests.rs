@@ -1,4 +1,4 @@
-//! Engine tests for every rule of DESIGN.md, on small policies written for each rule.
+//! Engine tests for every rule of docs/DESIGN.md, on small policies written for each rule.
 
 use super::*;
 use serde_json::{json, Value};
