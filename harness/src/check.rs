@@ -4,7 +4,7 @@
 
 use consentry::engine::policy::{LegalBasis, PolicyFile, ShapeMismatch};
 use consentry::engine::route;
-use consentry::engine::{category_covers, Policy};
+use consentry::engine::{category_covers, read_policy, Policy};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -87,16 +87,17 @@ pub fn check_text(file: &str, text: &str) -> Vec<Finding> {
             message,
         }
     };
-    let parsed: Result<PolicyFile, _> = serde_path_to_error::deserialize(&value);
-    let policy_file = match parsed {
+    // The filter's own reader: every shape error at once, each at its value.
+    let policy_file = match read_policy(&value) {
         Ok(p) => p,
-        Err(e) => {
-            let pointer = crate::yamlpos::pointer_from_serde_path(e.path());
-            out.push(finding(
-                Severity::Error,
-                pointer,
-                format!("{} (see policies/README.md for every key)", e.inner()),
-            ));
+        Err(errors) => {
+            for e in errors {
+                out.push(finding(
+                    Severity::Error,
+                    e.pointer,
+                    format!("{} (see policies/README.md for every key)", e.message),
+                ));
+            }
             return out;
         }
     };
@@ -287,9 +288,42 @@ mod tests {
     fn unknown_keys_are_located() {
         let text = "consentry: 1\nname: t\nservces: {}\n";
         let f = check_text("t.yaml", text);
-        assert_eq!(f.len(), 1, "{f:#?}");
         assert!(f[0].message.contains("unknown field `servces`"), "{f:#?}");
+        assert!(
+            f[0].message.contains("(did you mean `services`?)"),
+            "{f:#?}"
+        );
         assert_eq!(f[0].line, Some(3), "{f:#?}");
+        // The keys that are missing because of it, and the others, in the same run.
+        let missing: Vec<&str> = f[1..].iter().map(|x| x.message.as_str()).collect();
+        assert_eq!(missing.len(), 3, "{f:#?}");
+        for key in ["services", "purposes", "messages"] {
+            assert!(
+                missing
+                    .iter()
+                    .any(|m| m.starts_with(&format!("missing field `{key}`"))),
+                "{f:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_shape_error_is_reported_at_once_at_its_line() {
+        let text = "consentry: 1\nname: t\nmode: enforcing\nservices:\n  a:\n    purposes: [p.one]\n    clusterz: [a]\npurposes:\n  p.one:\n    basis: contract\n    allows: [user.name]\nmessages:\n  - name: m\n    fields:\n      - { path: \"$.n\", category: user.name, action: scramble }\n";
+        let f = check_text("t.yaml", text);
+        let got: Vec<(&str, Option<usize>)> =
+            f.iter().map(|x| (x.pointer.as_str(), x.line)).collect();
+        assert_eq!(
+            got,
+            [
+                ("/mode", Some(3)),
+                ("/services/a/clusterz", Some(7)),
+                ("/messages/0/fields/0/action", Some(15)),
+            ],
+            "{f:#?}"
+        );
+        assert!(f.iter().all(|x| x.severity == Severity::Error));
+        assert!(f[1].message.contains("did you mean `clusters`?"), "{f:#?}");
     }
 
     #[test]

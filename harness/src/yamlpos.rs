@@ -26,9 +26,10 @@
 //! the value position exists. Nodes produced by an alias have no positions of their own
 //! below the alias: [`Positions::nearest`] finds the alias. Columns count characters.
 
+use consentry::engine::positions::{self, JsonScan, PosError};
+pub use consentry::engine::positions::{escape_token, join, Pos, Positions};
 use serde_json::{Map, Number, Value};
 use std::collections::HashMap;
-use std::fmt;
 use yaml_rust2::parser::{Event, Parser, Tag};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
@@ -38,67 +39,6 @@ pub const MAX_NODES: usize = 1_000_000;
 pub const MAX_DEPTH: usize = 200;
 /// A string scalar counts one node per this many bytes against [`MAX_NODES`].
 const BYTES_PER_NODE: usize = 64;
-
-/// A 1-based line and column (in characters).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Pos {
-    pub line: usize,
-    pub column: usize,
-}
-
-impl fmt::Display for Pos {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.line, self.column)
-    }
-}
-
-/// Where each node of a parsed document was written, by JSON Pointer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Positions {
-    keys: HashMap<String, Pos>,
-    values: HashMap<String, Pos>,
-}
-
-impl Positions {
-    /// Where the key of the mapping entry `ptr` is written.
-    pub fn key(&self, ptr: &str) -> Option<Pos> {
-        self.keys.get(ptr).copied()
-    }
-
-    /// Where the value at `ptr` starts.
-    pub fn value(&self, ptr: &str) -> Option<Pos> {
-        self.values.get(ptr).copied()
-    }
-
-    /// The position of the node at `ptr`: its key for a mapping entry, else its value.
-    pub fn get(&self, ptr: &str) -> Option<Pos> {
-        self.key(ptr).or_else(|| self.value(ptr))
-    }
-
-    /// [`Positions::get`] of `ptr` or, when that is unknown (a node that does not exist,
-    /// or one produced by an alias), of its closest ancestor that is known.
-    pub fn nearest(&self, ptr: &str) -> Option<Pos> {
-        let mut p = ptr;
-        loop {
-            if let Some(pos) = self.get(p) {
-                return Some(pos);
-            }
-            match p.rfind('/') {
-                Some(i) => p = &p[..i],
-                None => return None,
-            }
-        }
-    }
-
-    /// Number of nodes with a known position.
-    pub fn len(&self) -> usize {
-        self.values.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
-    }
-}
 
 /// A document that could not be read: where, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -127,29 +67,14 @@ impl YamlError {
     }
 }
 
-/// Escapes one reference token of a JSON Pointer (`~` → `~0`, `/` → `~1`).
-pub fn escape_token(token: &str) -> String {
-    token.replace('~', "~0").replace('/', "~1")
-}
-
-/// `ptr` extended by one reference token (escaped here).
-pub fn join(ptr: &str, token: &str) -> String {
-    let mut s = String::with_capacity(ptr.len() + token.len() + 1);
-    s.push_str(ptr);
-    s.push('/');
-    s.push_str(&escape_token(token));
-    s
-}
-
 /// Reads one YAML document or JSON text; see the module documentation.
 pub fn parse(text: &str) -> Result<(Value, Positions), YamlError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if looks_like_json(text) {
         match serde_json::from_str::<Value>(text) {
             Ok(value) => {
-                let mut scan = JsonScan::new(text);
-                scan.value(String::new())?;
-                return Ok((value, scan.pos));
+                let pos = positions::json(text).map_err(pos_error)?;
+                return Ok((value, pos));
             }
             Err(json_err) => {
                 // Maybe YAML flow style (comments, unquoted keys); if not, the JSON error
@@ -169,11 +94,13 @@ pub fn parse_json_stream(text: &str) -> Result<Vec<(Value, Positions)>, YamlErro
     let mut scan = JsonScan::new(text);
     for item in serde_json::Deserializer::from_str(text).into_iter::<Value>() {
         let value = item.map_err(|e| json_error(&e))?;
-        scan.pos = Positions::default();
-        scan.value(String::new())?;
-        out.push((value, std::mem::take(&mut scan.pos)));
+        out.push((value, scan.next_value().map_err(pos_error)?));
     }
     Ok(out)
+}
+
+fn pos_error(e: PosError) -> YamlError {
+    YamlError::at(e.pos, e.message)
 }
 
 fn looks_like_json(text: &str) -> bool {
@@ -192,170 +119,6 @@ fn json_error(e: &serde_json::Error) -> YamlError {
         column: e.column().max(1),
         message: format!("invalid JSON: {msg}"),
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// JSON positions. The text has already been accepted by serde_json, so this scanner only
-// has to follow the structure; it still never indexes out of bounds.
-
-struct JsonScan<'a> {
-    b: &'a [u8],
-    i: usize,
-    line: usize,
-    col: usize, // 0-based, in characters
-    pos: Positions,
-}
-
-impl<'a> JsonScan<'a> {
-    fn new(text: &'a str) -> Self {
-        JsonScan {
-            b: text.as_bytes(),
-            i: 0,
-            line: 1,
-            col: 0,
-            pos: Positions::default(),
-        }
-    }
-
-    fn here(&self) -> Pos {
-        Pos {
-            line: self.line,
-            column: self.col + 1,
-        }
-    }
-
-    fn peek(&self) -> Option<u8> {
-        self.b.get(self.i).copied()
-    }
-
-    fn bump(&mut self) {
-        if let Some(c) = self.peek() {
-            self.i += 1;
-            if c == b'\n' {
-                self.line += 1;
-                self.col = 0;
-            } else if c & 0xC0 != 0x80 {
-                self.col += 1;
-            }
-        }
-    }
-
-    fn ws(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            self.bump();
-        }
-    }
-
-    fn unexpected(&self) -> YamlError {
-        YamlError::at(self.here(), "invalid JSON: unexpected character")
-    }
-
-    /// Skips a string; returns its raw text including the quotes.
-    fn string(&mut self) -> Result<&'a str, YamlError> {
-        let start = self.i;
-        self.bump(); // opening quote
-        loop {
-            match self.peek() {
-                None => return Err(self.unexpected()),
-                Some(b'\\') => {
-                    self.bump();
-                    self.bump();
-                }
-                Some(b'"') => {
-                    self.bump();
-                    break;
-                }
-                Some(_) => self.bump(),
-            }
-        }
-        std::str::from_utf8(&self.b[start..self.i]).map_err(|_| self.unexpected())
-    }
-
-    fn value(&mut self, ptr: String) -> Result<(), YamlError> {
-        self.ws();
-        self.pos.values.insert(ptr.clone(), self.here());
-        match self.peek() {
-            Some(b'{') => {
-                self.bump();
-                let mut seen: HashMap<String, Pos> = HashMap::new();
-                self.ws();
-                if self.peek() == Some(b'}') {
-                    self.bump();
-                    return Ok(());
-                }
-                loop {
-                    self.ws();
-                    let at = self.here();
-                    let raw = self.string()?;
-                    let key: String = serde_json::from_str(raw).map_err(|_| self.unexpected())?;
-                    if let Some(first) = seen.get(&key) {
-                        return Err(duplicate_key(&key, *first, at));
-                    }
-                    seen.insert(key.clone(), at);
-                    let child = join(&ptr, &key);
-                    self.pos.keys.insert(child.clone(), at);
-                    self.ws();
-                    if self.peek() != Some(b':') {
-                        return Err(self.unexpected());
-                    }
-                    self.bump();
-                    self.value(child)?;
-                    self.ws();
-                    match self.peek() {
-                        Some(b',') => self.bump(),
-                        Some(b'}') => {
-                            self.bump();
-                            return Ok(());
-                        }
-                        _ => return Err(self.unexpected()),
-                    }
-                }
-            }
-            Some(b'[') => {
-                self.bump();
-                self.ws();
-                if self.peek() == Some(b']') {
-                    self.bump();
-                    return Ok(());
-                }
-                let mut n = 0usize;
-                loop {
-                    self.value(format!("{ptr}/{n}"))?;
-                    n += 1;
-                    self.ws();
-                    match self.peek() {
-                        Some(b',') => self.bump(),
-                        Some(b']') => {
-                            self.bump();
-                            return Ok(());
-                        }
-                        _ => return Err(self.unexpected()),
-                    }
-                }
-            }
-            Some(b'"') => self.string().map(|_| ()),
-            Some(_) => {
-                while !matches!(
-                    self.peek(),
-                    None | Some(b',' | b']' | b'}' | b' ' | b'\t' | b'\n' | b'\r')
-                ) {
-                    self.bump();
-                }
-                Ok(())
-            }
-            None => Err(self.unexpected()),
-        }
-    }
-}
-
-fn duplicate_key(key: &str, first: Pos, again: Pos) -> YamlError {
-    YamlError::at(
-        again,
-        format!(
-            "duplicate key {key:?}: first at line {}, again at line {}; keep only one of them",
-            first.line, again.line
-        ),
-    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -464,10 +227,9 @@ fn parse_yaml(text: &str) -> Result<(Value, Positions), YamlError> {
         }
     }
     let root = b.root.unwrap_or(Value::Null);
-    b.pos
-        .values
-        .entry(String::new())
-        .or_insert(Pos { line: 1, column: 1 });
+    if b.pos.value("").is_none() {
+        b.pos.set_value(String::new(), Pos { line: 1, column: 1 });
+    }
     Ok((root, b.pos))
 }
 
@@ -518,7 +280,7 @@ impl Builder {
         match self.slot() {
             Slot::Key => self.key(value, at, index),
             Slot::Value(ptr) => {
-                self.pos.values.insert(ptr, at);
+                self.pos.set_value(ptr, at);
                 self.attach(value);
                 Ok(())
             }
@@ -549,15 +311,15 @@ impl Builder {
         } = &mut frame.kind
         {
             if let Some(first) = seen.get(&key) {
-                return Err(duplicate_key(&key, *first, at));
+                return Err(pos_error(positions::duplicate_key(&key, *first, at)));
             }
             seen.insert(key.clone(), at);
-            self.pos.keys.insert(join(&ptr, &key), at);
+            self.pos.set_key(join(&ptr, &key), at);
             *slot = Some(key);
         }
         if first_key {
             // A block mapping's start event is reported after its first key.
-            self.pos.values.insert(ptr, at);
+            self.pos.set_value(ptr, at);
         }
         Ok(())
     }
@@ -579,7 +341,7 @@ impl Builder {
             ));
         }
         self.count(1, at)?;
-        self.pos.values.insert(ptr.clone(), at);
+        self.pos.set_value(ptr.clone(), at);
         self.stack.push(Frame {
             kind,
             ptr,
@@ -800,135 +562,6 @@ fn is_core_float(s: &str) -> bool {
         }
     }
     i == b.len()
-}
-
-// ---------------------------------------------------------------------------------------
-// serde_path_to_error paths → JSON Pointers
-
-/// One dot-separated piece of a path: an optional key and the `[N]` indexes after it.
-struct Piece<'a> {
-    key: Option<&'a str>,
-    indexes: Vec<usize>,
-}
-
-/// Splits `a.b[0][1].c` into pieces. `None` marks an unknown segment (`?`), after which
-/// nothing is known.
-fn pieces(path: &str) -> Vec<Option<Piece<'_>>> {
-    if path.is_empty() || path == "." {
-        return Vec::new();
-    }
-    path.split('.')
-        .map(|piece| {
-            if piece == "?" {
-                return None;
-            }
-            // The longest suffix made only of `[digits]` groups is a list of indexes.
-            let mut indexes = Vec::new();
-            let mut rest = piece;
-            while let Some(stripped) = rest.strip_suffix(']') {
-                let Some(open) = stripped.rfind('[') else {
-                    break;
-                };
-                let digits = &stripped[open + 1..];
-                match digits.parse::<usize>() {
-                    Ok(n) if !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit()) => {
-                        indexes.push(n);
-                        rest = &stripped[..open];
-                    }
-                    _ => break,
-                }
-            }
-            indexes.reverse();
-            Some(Piece {
-                key: (!rest.is_empty()).then_some(rest),
-                indexes,
-            })
-        })
-        .collect()
-}
-
-/// Converts a path as `serde_path_to_error` displays it (`services.marketing.purposes[0]`,
-/// `.` for the root) into a JSON Pointer (`/services/marketing/purposes/0`).
-///
-/// Limitation: the display joins map keys with `.` and writes them as they are, so a key
-/// that contains a dot (`purposes.marketing.email.basis`, where `marketing.email` is one
-/// key) or ends in `[N]` cannot be told apart from nested keys here: each dot starts a new
-/// token. Use [`pointer_from_path_in`] with the document to resolve such keys, or better
-/// [`pointer_from_serde_path`] on the `Path` itself, which is exact. An unknown segment
-/// (`?`) ends the pointer at its parent.
-pub fn pointer_from_path(path: &str) -> String {
-    let mut ptr = String::new();
-    for piece in pieces(path) {
-        let Some(piece) = piece else { break };
-        if let Some(key) = piece.key {
-            ptr = join(&ptr, key);
-        }
-        for i in piece.indexes {
-            ptr = format!("{ptr}/{i}");
-        }
-    }
-    ptr
-}
-
-/// Like [`pointer_from_path`], but resolves keys that contain dots against `doc`, the
-/// document that was deserialised: at each mapping the longest run of dot-separated
-/// pieces that is a key of that mapping is taken as one key.
-pub fn pointer_from_path_in(path: &str, doc: &Value) -> String {
-    let pieces = pieces(path);
-    let mut ptr = String::new();
-    let mut cur = Some(doc);
-    let mut i = 0;
-    while i < pieces.len() {
-        let Some(piece) = &pieces[i] else { break };
-        let mut last = i;
-        if let Some(key) = piece.key {
-            let mut chosen = key.to_string();
-            if let Some(Value::Object(map)) = cur {
-                // Extend over following pieces while they have no indexes before the last.
-                let mut candidate = key.to_string();
-                let mut j = i;
-                while pieces[j].as_ref().is_some_and(|p| p.indexes.is_empty()) {
-                    let Some(Some(Piece {
-                        key: Some(next), ..
-                    })) = pieces.get(j + 1)
-                    else {
-                        break;
-                    };
-                    candidate.push('.');
-                    candidate.push_str(next);
-                    j += 1;
-                    if map.contains_key(&candidate) {
-                        chosen.clone_from(&candidate);
-                        last = j;
-                    }
-                }
-            }
-            ptr = join(&ptr, &chosen);
-            cur = cur.and_then(|v| v.get(&chosen));
-        }
-        let Some(piece) = &pieces[last] else { break };
-        for &n in &piece.indexes {
-            ptr = format!("{ptr}/{n}");
-            cur = cur.and_then(|v| v.get(n));
-        }
-        i = last + 1;
-    }
-    ptr
-}
-
-/// The exact JSON Pointer of a `serde_path_to_error` path (no ambiguity about dots).
-pub fn pointer_from_serde_path(path: &serde_path_to_error::Path) -> String {
-    use serde_path_to_error::Segment;
-    let mut ptr = String::new();
-    for seg in path.iter() {
-        match seg {
-            Segment::Seq { index } => ptr = format!("{ptr}/{index}"),
-            Segment::Map { key } => ptr = join(&ptr, key),
-            Segment::Enum { variant } => ptr = join(&ptr, variant),
-            Segment::Unknown => break,
-        }
-    }
-    ptr
 }
 
 #[cfg(test)]
@@ -1202,62 +835,5 @@ mod tests {
         assert_eq!(docs[2].1.value(""), p(3, 8));
         let e = parse_json_stream("{\"a\": 1}\n{\"a\": ").unwrap_err();
         assert_eq!(e.line, 2, "{e}");
-    }
-
-    #[test]
-    fn serde_paths_become_pointers() {
-        assert_eq!(pointer_from_path("."), "");
-        assert_eq!(pointer_from_path(""), "");
-        assert_eq!(
-            pointer_from_path("services.marketing.purposes[0]"),
-            "/services/marketing/purposes/0"
-        );
-        assert_eq!(
-            pointer_from_path("messages[0].fields[3].action"),
-            "/messages/0/fields/3/action"
-        );
-        assert_eq!(pointer_from_path("a[1][2].b"), "/a/1/2/b");
-        assert_eq!(pointer_from_path("[2].x"), "/2/x");
-        assert_eq!(pointer_from_path("a.?.b"), "/a");
-        assert_eq!(pointer_from_path("a/b.c~d"), "/a~1b/c~0d");
-        // Keys with dots: ambiguous as text ...
-        assert_eq!(
-            pointer_from_path("purposes.marketing.email.basis"),
-            "/purposes/marketing/email/basis"
-        );
-        // ... resolved against the document.
-        let doc = json!({"purposes": {"marketing.email": {"basis": "x", "allows": ["a"]}},
-                         "a": {"b": {"c": 1}}});
-        assert_eq!(
-            pointer_from_path_in("purposes.marketing.email.basis", &doc),
-            "/purposes/marketing.email/basis"
-        );
-        assert_eq!(
-            pointer_from_path_in("purposes.marketing.email.allows[0]", &doc),
-            "/purposes/marketing.email/allows/0"
-        );
-        assert_eq!(pointer_from_path_in("a.b.c", &doc), "/a/b/c");
-        assert_eq!(pointer_from_path_in("zz.y[1]", &doc), "/zz/y/1");
-    }
-
-    #[test]
-    fn serde_path_objects_become_exact_pointers() {
-        #[derive(serde::Deserialize, Debug)]
-        #[allow(dead_code)]
-        struct P {
-            purposes: std::collections::BTreeMap<String, Purpose>,
-        }
-        #[derive(serde::Deserialize, Debug)]
-        #[allow(dead_code)]
-        struct Purpose {
-            allows: Vec<u32>,
-        }
-        let doc = json!({"purposes": {"marketing.email": {"allows": [1, "x"]}}});
-        let err = serde_path_to_error::deserialize::<_, P>(&doc).unwrap_err();
-        assert_eq!(err.path().to_string(), "purposes.marketing.email.allows[1]");
-        assert_eq!(
-            pointer_from_serde_path(err.path()),
-            "/purposes/marketing.email/allows/1"
-        );
     }
 }

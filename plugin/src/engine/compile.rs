@@ -10,6 +10,8 @@ use super::policy::{
     ActionSpec, ConsentStore, DirectionSpec, FailMode, LegalBasis, MaskSpec, MessageSubject, Mode,
     PolicyFile, ShapeMismatch, Undeclared,
 };
+use super::policy_read::read_policy;
+use super::positions;
 use super::route;
 use super::selector::Selector;
 use super::{BindingId, Direction, ServiceId};
@@ -300,23 +302,40 @@ impl Policy {
         text: &[u8],
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Policy, PolicyErrors> {
-        // Parsed twice (once only at configure time) so that a value of the wrong
-        // shape is not reported as broken JSON syntax.
-        let syntax_ok = serde_json::from_slice::<serde::de::IgnoredAny>(text).is_ok();
-        let file: PolicyFile = serde_json::from_slice(text).map_err(|e| {
-            let hint = if !syntax_ok {
-                "the policy is not valid JSON; fix the syntax there"
-            } else {
-                "the policy does not have the v1 shape; see policies/README.md for every key"
-            };
+        let whole = |line: usize, column: usize, message: String| {
             PolicyErrors(vec![PolicyError {
                 pointer: String::new(),
-                line: Some(e.line()).filter(|l| *l > 0),
-                column: Some(e.column()).filter(|c| *c > 0),
-                message: format!("{e} ({hint})"),
+                line: Some(line).filter(|l| *l > 0),
+                column: Some(column).filter(|c| *c > 0),
+                message,
             }])
+        };
+        let doc: serde_json::Value = serde_json::from_slice(text).map_err(|e| {
+            // serde_json ends its message with the position, which is reported apart.
+            let msg = e.to_string();
+            let msg = msg.rfind(" at line ").map_or(msg.as_str(), |i| &msg[..i]);
+            whole(
+                e.line(),
+                e.column(),
+                format!("{msg} (the policy is not valid JSON; fix the syntax there)"),
+            )
         })?;
-        Self::from_file(&file, env)
+        // Valid JSON is UTF-8. The positions say where each error is and refuse a key
+        // written twice, which serde_json would silently resolve to its last value.
+        let text = std::str::from_utf8(text).unwrap_or_default();
+        let positions =
+            positions::json(text).map_err(|e| whole(e.pos.line, e.pos.column, e.message))?;
+        let place = |mut e: PolicyError| {
+            if let Some(p) = positions.nearest(&e.pointer) {
+                e.line = Some(p.line);
+                e.column = Some(p.column);
+            }
+            e
+        };
+        let placed =
+            |errors: Vec<PolicyError>| PolicyErrors(errors.into_iter().map(place).collect());
+        let file = read_policy(&doc).map_err(placed)?;
+        Self::from_file(&file, env).map_err(|e| placed(e.0))
     }
 
     /// Compiles an already parsed policy file (the harness parses YAML into the same types).

@@ -26,6 +26,8 @@ mod jsonpath;
 pub mod machine;
 mod matcher;
 pub mod policy;
+mod policy_read;
+pub mod positions;
 pub mod route;
 mod selector;
 mod stream;
@@ -51,6 +53,7 @@ pub use eval::{
     BodyPlan, BodyVerdict, Exchange, HeaderPlan, HeaderVerdict, IdentitySource, Party, Report,
     Uninspectable, UninspectableKind,
 };
+pub use policy_read::read_policy;
 #[cfg(not(target_arch = "wasm32"))]
 pub use tree::TreePlan;
 

@@ -967,6 +967,39 @@ fn syntax_and_shape_errors_carry_line_and_column() {
 }
 
 #[test]
+fn a_key_written_twice_is_refused_and_meaning_errors_have_lines_too() {
+    // serde_json would silently keep the second `mode`; a reader of the text might
+    // believe the first.
+    let e = Policy::compile(
+        b"{\n  \"consentry\": 1,\n  \"mode\": \"enforce\",\n  \"mode\": \"audit\"\n}",
+        &env,
+    )
+    .unwrap_err()
+    .0;
+    assert_eq!(
+        (e[0].line, e[0].column, e.len()),
+        (Some(4), Some(3), 1),
+        "{e:?}"
+    );
+    assert!(e[0].message.contains("duplicate key \"mode\""), "{e:?}");
+    // An error found when compiling (not when reading) is placed at its value as well.
+    let mut v = policy_json(json!({}));
+    v["limits"] = json!({ "max_records": 0 });
+    let text = serde_json::to_string_pretty(&v).unwrap();
+    let e = Policy::compile(text.as_bytes(), &env).unwrap_err().0;
+    let line = text
+        .lines()
+        .position(|l| l.contains("\"max_records\""))
+        .unwrap()
+        + 1;
+    assert_eq!(
+        (e[0].pointer.as_str(), e[0].line),
+        ("/limits/max_records", Some(line)),
+        "{e:?}"
+    );
+}
+
+#[test]
 fn a_policy_that_needs_a_key_it_was_not_given_does_not_start() {
     let v = policy_json(json!({}));
     let none = |_: &str| None;
